@@ -1,0 +1,7 @@
+"""Small utilities shared by every script; `dnnlib.util.EasyDict` is part of the
+network-pickle format (SPEC.md section 3), so this package keeps that path."""
+
+from . import util
+from .util import EasyDict
+
+__all__ = ['util', 'EasyDict']

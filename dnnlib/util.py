@@ -1,0 +1,211 @@
+"""EasyDict, atomic file writes and `open_url` with a download cache."""
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import tempfile
+import time
+import urllib.parse
+
+import numpy as np
+
+_RETRIES = 3
+_RETRY_DELAY_S = 1.0
+
+
+class EasyDict(dict):
+    """A dict whose keys can also be read and written as attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __delattr__(self, name):
+        try:
+            del self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes: the file appears under its final name complete, or not at all.
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; rename it to `path` on success.
+
+    For writers that take a file name (zipfile, torch.save, np.savez, PIL).
+    On an exception the temporary file or folder is removed and `path` is
+    left as it was.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    os.remove(tmp)  # the writer creates it (a file or a folder)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode='wb'):
+    """Yield an open file at a temporary name; rename it to `path` on success."""
+    assert mode in ('wb', 'w')
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fsync_path(path):
+    if os.path.isfile(path):
+        with open(path, 'rb') as f:
+            os.fsync(f.fileno())
+
+
+def _remove_quietly(path):
+    import shutil
+    try:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------
+# open_url
+
+def default_cache_dir():
+    """$DNNLIB_CACHE_DIR, else ~/.cache/dnnlib (or $XDG_CACHE_HOME/dnnlib)."""
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.environ['DNNLIB_CACHE_DIR']
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'dnnlib')
+
+
+def is_url(obj):
+    """True for http(s):// and file:// strings."""
+    return isinstance(obj, str) and re.match(r'^(https?|file)://', obj) is not None
+
+
+def url_cache_path(url, cache_dir=None):
+    """Where `open_url` keeps the download of `url`: <cache>/downloads/<md5>_<name>."""
+    cache_dir = cache_dir or default_cache_dir()
+    digest = hashlib.md5(url.encode('utf-8')).hexdigest()
+    name = re.sub(r'[^0-9A-Za-z._-]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'file'
+    return os.path.join(cache_dir, 'downloads', f'{digest}_{name}')
+
+
+class DownloadError(OSError):
+    """A URL could not be fetched; the message says how to supply the file instead."""
+
+
+def open_url(path_or_url, cache=True, cache_dir=None, num_attempts=_RETRIES, timeout=60, verbose=True):
+    """Open a local path, a file:// URL or an http(s):// URL for binary reading.
+
+    Downloads go through a cache (`$DNNLIB_CACHE_DIR`, else ~/.cache/dnnlib),
+    written atomically, so a second call reads the local copy and works
+    offline. Returns a binary file object.
+    """
+    path_or_url = os.fspath(path_or_url)
+    if not is_url(path_or_url):
+        if not os.path.isfile(path_or_url):
+            raise FileNotFoundError(f'No such file: {path_or_url}')
+        return open(path_or_url, 'rb')
+    if path_or_url.startswith('file://'):
+        path = urllib.parse.unquote(urllib.parse.urlparse(path_or_url).path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'No such file: {path} (from {path_or_url})')
+        return open(path, 'rb')
+
+    cache_path = url_cache_path(path_or_url, cache_dir)
+    if cache and os.path.isfile(cache_path):
+        return open(cache_path, 'rb')
+    data = _download(path_or_url, cache_path, num_attempts, timeout, verbose)
+    if cache:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with atomic_write(cache_path) as f:
+            f.write(data)
+    return io.BytesIO(data)
+
+
+def _download(url, cache_path, num_attempts, timeout, verbose):
+    import requests
+    last_error = None
+    for attempt in range(num_attempts):
+        try:
+            if verbose:
+                print(f'Downloading {url} ...', flush=True)
+            with requests.get(url, timeout=timeout) as res:
+                res.raise_for_status()
+                if len(res.content) == 0:
+                    raise OSError('empty response')
+                return res.content
+        except (requests.RequestException, OSError) as err:
+            last_error = err
+            if attempt + 1 < num_attempts:
+                time.sleep(_RETRY_DELAY_S * (attempt + 1))
+    raise DownloadError(
+        f'Could not download {url} after {num_attempts} attempts ({last_error}). '
+        f'To work offline, download the file elsewhere and either pass its local path instead of the URL, '
+        f'or copy it to {cache_path} (the download cache; set DNNLIB_CACHE_DIR to move it).')
+
+
+def format_time(seconds):
+    """Seconds as a short human-readable string: '45s', '3m 05s', '2h 07m', '1d 03h'."""
+    s = int(np.rint(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 60 * 60:
+        return f'{s // (60 * 60)}h {(s // 60) % 60:02d}m'
+    return f'{s // (24 * 60 * 60)}d {(s // (60 * 60)) % 24:02d}h'
+
+
+class Logger:
+    """Copy everything written to stdout and stderr into a log file (append)."""
+
+    def __init__(self, file_name, file_mode='a'):
+        import sys
+        self.file = open(file_name, file_mode)
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self, self
+
+    def write(self, text):
+        if text:
+            self.file.write(text)
+            self.stdout.write(text)
+            self.flush()
+
+    def flush(self):
+        self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        import sys
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        self.file.close()

@@ -1,0 +1,1 @@
+"""Networks, losses, patches, data and the training loop of Patch Diffusion."""

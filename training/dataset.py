@@ -1,0 +1,262 @@
+"""Images and labels from dataset archives made by dataset_tool.py (a ZIP or a
+folder of PNGs plus dataset.json; SPEC.md section 3).
+
+The constructor keywords are EDM's, so the `dataset_kwargs` stored in EDM and
+Patch Diffusion snapshots (class_name='training.dataset.ImageFolderDataset',
+path, use_labels, xflip, cache, max_size, random_seed, resolution) construct
+this class unchanged.
+"""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+
+IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
+
+
+class Dataset(torch.utils.data.Dataset):
+    """Subset selection, x-flips, labels and caching over raw items.
+
+    Subclasses implement _load_raw_image(raw_idx) -> ndarray [C, H, W] and
+    _load_raw_labels() -> int64 [N] (class indices), float32 [N, D] (label
+    vectors) or None (no labels).
+
+    Item idx maps to raw item _raw_idx[idx]; with xflip the dataset is
+    doubled and items n .. 2n-1 are the mirrored copies of items 0 .. n-1.
+    """
+
+    def __init__(self, name, raw_shape, use_labels=False, xflip=False, max_size=None, random_seed=0, cache=False):
+        """name: str; raw_shape: [N, C, H, W] of all raw items; max_size: keep a
+        random subset of at most this many raw items (applied before xflip),
+        chosen by a permutation from np.random.RandomState(random_seed) as in
+        EDM; cache: keep loaded items in memory (per process)."""
+        self._name = name
+        self._raw_shape = list(raw_shape)
+        self._use_labels = bool(use_labels)
+        self._cache = bool(cache)
+        self._cached_images = {}
+        self._label_shape = None
+
+        self._raw_labels = self._load_raw_labels() if self._use_labels else None
+        if self._use_labels and self._raw_labels is None:
+            raise ValueError(f'dataset {name} has no labels (dataset.json is missing or has "labels": null); '
+                             f'train without labels (--cond=0) or make the dataset with labels')
+        if self._raw_labels is None:
+            self._raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
+        assert self._raw_labels.shape[0] == self._raw_shape[0]
+
+        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
+        if max_size is not None and self._raw_idx.size > max_size:
+            permutation = np.random.RandomState(random_seed % (1 << 31)).permutation(self._raw_idx.size)
+            self._raw_idx = np.sort(permutation[:max_size])
+        self._xflip = np.zeros(self._raw_idx.size, dtype=bool)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    def _load_raw_image(self, raw_idx):
+        raise NotImplementedError
+
+    def _load_raw_labels(self):
+        raise NotImplementedError
+
+    def close(self):
+        """Release open files; the dataset reopens them when read again."""
+
+    def __len__(self):
+        return self._raw_idx.size
+
+    def __getitem__(self, idx):
+        """Return (image uint8 [C, H, W], label float32 [label_dim])."""
+        raw_idx = int(self._raw_idx[idx])
+        image = self._cached_images.get(raw_idx)
+        if image is None:
+            image = self._load_raw_image(raw_idx)
+            if self._cache:
+                self._cached_images[raw_idx] = image
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def get_label(self, idx):
+        """Label of item idx: one-hot float32 [label_dim] for class indices,
+        the float32 vector for vector labels, shape [0] without labels."""
+        label = self._raw_labels[self._raw_idx[idx]]
+        if self._raw_labels.dtype == np.int64:
+            onehot = np.zeros(self.label_shape, dtype=np.float32)
+            onehot[label] = 1
+            return onehot
+        return label.astype(np.float32)
+
+    def __repr__(self):
+        c, h, w = self.image_shape
+        labels = f'{self.label_dim} label dims' if self.has_labels else 'no labels'
+        return f'{type(self).__name__}({self._name!r}: {len(self)} items, {c} channels, {w}x{h}, {labels})'
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def raw_labels(self):
+        """Labels of all raw items: int64 [N], float32 [N, D], or float32 [N, 0] without labels."""
+        return self._raw_labels
+
+    @property
+    def image_shape(self):
+        """[C, H, W]."""
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self):
+        return self.image_shape[0]
+
+    @property
+    def resolution(self):
+        """Side of the square images, in pixels."""
+        assert self.image_shape[1] == self.image_shape[2], 'images are not square'
+        return self.image_shape[1]
+
+    @property
+    def label_shape(self):
+        """[label_dim]: number of classes (max class + 1) or the label vector length; [0] without labels."""
+        if self._label_shape is None:
+            if self._raw_labels.dtype == np.int64:
+                self._label_shape = [int(self._raw_labels.max()) + 1]
+            else:
+                self._label_shape = list(self._raw_labels.shape[1:])
+        return list(self._label_shape)
+
+    @property
+    def label_dim(self):
+        assert len(self.label_shape) == 1
+        return self.label_shape[0]
+
+    @property
+    def has_labels(self):
+        return self.label_dim != 0
+
+
+class ImageFolderDataset(Dataset):
+    """Images of a dataset ZIP or folder, sorted by relative path.
+
+    All images must have the same size and channel count (1 or 3); labels come
+    from dataset.json. A zip is opened lazily in each process (DataLoader
+    workers, forked or spawned, open their own handle).
+    """
+
+    def __init__(self, path, resolution=None, use_labels=False, xflip=False, max_size=None, random_seed=0,
+                 cache=False, name=None):
+        """path: a .zip or a folder; resolution: if given, the images must be
+        resolution x resolution (ValueError otherwise); name: defaults to the
+        file or folder name without extension."""
+        self._path = os.fspath(path)
+        self._zipfile = None
+        self._zip_pid = None
+        if os.path.isdir(self._path):
+            self._type = 'dir'
+            self._all_fnames = self._list_folder(self._path)
+        elif os.path.isfile(self._path) and self._path.lower().endswith('.zip'):
+            self._type = 'zip'
+            try:
+                self._all_fnames = set(self._get_zipfile().namelist())
+            except zipfile.BadZipFile as err:
+                raise ValueError(f'{self._path}: not a readable zip ({err}); make it again with dataset_tool.py') from None
+        elif os.path.exists(self._path):
+            raise ValueError(f'{self._path}: a dataset must be a .zip or a folder; make one with dataset_tool.py')
+        else:
+            raise FileNotFoundError(f'{self._path}: no such dataset; make one with dataset_tool.py')
+
+        self._image_fnames = sorted(f for f in self._all_fnames if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        if not self._image_fnames:
+            raise ValueError(f'{self._path}: no images found; make the dataset with dataset_tool.py')
+        first = self._load_raw_image(0, check=False)
+        raw_shape = [len(self._image_fnames)] + list(first.shape)
+        if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
+            raise ValueError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, not {resolution}x{resolution}; '
+                             f'use a dataset of that resolution')
+        if name is None:
+            name = os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
+        super().__init__(name=name, raw_shape=raw_shape, use_labels=use_labels, xflip=xflip, max_size=max_size,
+                         random_seed=random_seed, cache=cache)
+
+    @staticmethod
+    def _list_folder(path):
+        """Relative '/'-separated names of all files below path."""
+        names = set()
+        for root, _dirs, files in os.walk(path):
+            for fname in files:
+                names.add(os.path.relpath(os.path.join(root, fname), path).replace(os.sep, '/'))
+        return names
+
+    def _get_zipfile(self):
+        """The zip handle of this process (reopened after a fork)."""
+        if self._zipfile is None or self._zip_pid != os.getpid():
+            self._zipfile = zipfile.ZipFile(self._path)
+            self._zip_pid = os.getpid()
+        return self._zipfile
+
+    def _open_file(self, fname):
+        if self._type == 'dir':
+            return open(os.path.join(self._path, fname), 'rb')
+        return self._get_zipfile().open(fname, 'r')
+
+    def close(self):
+        if self._zipfile is not None and self._zip_pid == os.getpid():
+            self._zipfile.close()
+        self._zipfile = None
+        self._zip_pid = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _zipfile=None, _zip_pid=None)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _load_raw_image(self, raw_idx, check=True):
+        """Image raw_idx as uint8 [C, H, W]; ValueError if it is not L/RGB or not the dataset's shape."""
+        fname = self._image_fnames[raw_idx]
+        with self._open_file(fname) as f, PIL.Image.open(f) as img:
+            if img.mode not in ('L', 'RGB'):
+                raise ValueError(f'{self._path}/{fname}: mode {img.mode}, expected L or RGB; '
+                                 f'make the dataset with dataset_tool.py')
+            image = np.asarray(img, dtype=np.uint8)
+        image = image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)  # HW / HWC -> CHW
+        if check and list(image.shape) != self.image_shape:
+            raise ValueError(f'{self._path}/{fname}: shape {list(image.shape)} (CHW) differs from the first '
+                             f'image\'s {self.image_shape}; all images must have the same size and channels')
+        return image
+
+    def _load_raw_labels(self):
+        """Labels from dataset.json in image order, or None if there are none."""
+        if 'dataset.json' not in self._all_fnames:
+            return None
+        where = f'{self._path}/dataset.json'
+        with self._open_file('dataset.json') as f:
+            try:
+                entries = json.load(f)['labels']
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f'{where}: malformed ({err!r}); expected {{"labels": [[name, label], ...]}}') from None
+        if entries is None:
+            return None
+        try:
+            labels = {str(k).replace('\\', '/'): v for k, v in entries}
+        except (ValueError, TypeError):
+            raise ValueError(f'{where}: "labels" must be a list of [name, label] pairs') from None
+        missing = [f for f in self._image_fnames if f not in labels]
+        if missing:
+            raise ValueError(f'{where}: no label for {missing[0]} ({len(missing)} images lack one); '
+                             f'make the dataset again with dataset_tool.py')
+        labels = np.array([labels[f] for f in self._image_fnames])
+        if labels.ndim == 1 and labels.dtype.kind in 'iu' and labels.min() >= 0:
+            return labels.astype(np.int64)
+        if labels.ndim == 2 and labels.dtype.kind in 'iuf':
+            return labels.astype(np.float32)
+        raise ValueError(f'{where}: labels must be class indices >= 0 or equal-length lists of numbers')
