@@ -75,7 +75,7 @@ def persistent_class(orig_class):
 def is_persistent(obj):
     """True for a persistent class or an instance of one."""
     cls = obj if isinstance(obj, type) else type(obj)
-    return hasattr(cls, '_orig_module_src') and hasattr(cls, '_orig_class_name')
+    return '_orig_module_src' in cls.__dict__ and '_orig_class_name' in cls.__dict__
 
 
 def import_hook(hook):

@@ -104,8 +104,9 @@ def patch_grid(top, left, size, resolution, dtype=torch.float32):
     (column), channel 1 is y (row), in full-image coordinates in [-1, 1].
     """
     offsets = torch.arange(size, device=top.device)
-    rows = coordinate_values((top[:, None] + offsets).to(dtype), resolution)    # [N, size]
-    cols = coordinate_values((left[:, None] + offsets).to(dtype), resolution)   # [N, size]
+    # Computed in float64 and rounded once, so the values equal the formula exactly.
+    rows = coordinate_values((top[:, None] + offsets).to(torch.float64), resolution).to(dtype)    # [N, size]
+    cols = coordinate_values((left[:, None] + offsets).to(torch.float64), resolution).to(dtype)   # [N, size]
     x = cols[:, None, :].expand(-1, size, -1)
     y = rows[:, :, None].expand(-1, -1, size)
     return torch.stack([x, y], dim=1)

@@ -1,0 +1,39 @@
+"""Shared fixtures: the repository root, an environment for subprocesses that
+import the project, and few CPU threads so tests run alike on small machines."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:   # `pytest` run without an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope='session')
+def repo_root():
+    """Path of the repository root (the folder holding dnnlib/, torch_utils/, training/)."""
+    return REPO_ROOT
+
+
+@pytest.fixture
+def subprocess_env():
+    """os.environ for a child process: PYTHONPATH = repo root, no torchrun
+    variables inherited, one thread per process, unbuffered output."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO_ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    env['OMP_NUM_THREADS'] = '1'
+    env['PYTHONUNBUFFERED'] = '1'
+    return env
+
+
+@pytest.fixture
+def python_exe():
+    """The interpreter running the tests (the project's virtual environment)."""
+    return sys.executable

@@ -1,0 +1,411 @@
+"""Frechet Inception Distance (FID) as in EDM (SPEC.md section 3).
+
+Features are the [N, D] outputs of a detector, called as
+`detector(images, return_features=True)` on uint8 RGB images [N, 3, H, W] in
+[0, 255]; by default the Inception-v3 2015-12-05 network of the EDM and
+StyleGAN metrics (D = 2048). The statistics of a set of images are the mean
+mu [D] and the unbiased covariance sigma [D, D] (divided by N - 1) of its
+features, both float64, and
+
+    FID = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)).
+
+Under torchrun each rank feeds its own share of the images; sums are reduced
+over ranks, so the statistics do not depend on the number of processes (up to
+float64 rounding). Reference statistics are .npz files with 'mu' and
+'sigma', interchangeable with EDM's.
+"""
+
+import functools
+import io
+import os
+import urllib.parse
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import persistence
+
+DEFAULT_DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/'
+                        'metrics/inception-2015-12-05.pkl')
+_ZIP_MAGIC = b'PK\x03\x04'   # .npz and TorchScript files are zip archives; pickles are not
+
+# ----------------------------------------------------------------------------
+# The feature detector.
+
+
+def load_detector(path_or_url=None, device='cpu'):
+    """Load a feature detector (default: EDM's Inception-v3) onto `device`, in eval mode.
+
+    A zip archive (a TorchScript `.pt`, as StyleGAN2-ADA ships its Inception)
+    is loaded with torch.jit.load; anything else is unpickled with the
+    persistence loader (a network pickle `.pkl`, as EDM's), which runs the
+    code embedded in the file. URLs go through the download cache of
+    `dnnlib.util.open_url`. Under torchrun rank 0 loads first, so only it
+    downloads, and every rank must call this. ValueError for a file that is
+    not a detector.
+    """
+    path_or_url = path_or_url or DEFAULT_DETECTOR_URL
+    device = torch.device(device)
+    return _rank0_first(_load_detector, path_or_url, device)
+
+
+def _load_detector(path_or_url, device):
+    try:
+        with dnnlib.util.open_url(path_or_url, verbose=dist.get_rank() == 0) as f:
+            data = f.read()
+    except dnnlib.util.DownloadError as err:
+        if path_or_url != DEFAULT_DETECTOR_URL:
+            raise
+        raise dnnlib.util.DownloadError(f'{err} Or pass a local copy of the detector (fid.py --detector PATH).') from None
+    name = _display_name(path_or_url)
+    if data.startswith(_ZIP_MAGIC):
+        try:
+            with warnings.catch_warnings():   # TorchScript is deprecated, but it is the format of these files
+                warnings.simplefilter('ignore', DeprecationWarning)
+                detector = torch.jit.load(io.BytesIO(data), map_location=device)
+        except RuntimeError as err:
+            raise ValueError(f'{name} is a zip archive but not a TorchScript module ({_first_line(err)}); '
+                             f'save the detector with torch.jit.save, or as a network pickle') from None
+    else:
+        try:
+            detector = persistence.load_network_pickle(io.BytesIO(data))
+        except Exception as err:   # unpickling runs the file's own code: any error means "not loadable"
+            raise ValueError(f'{name} could not be unpickled as a detector ({type(err).__name__}: '
+                             f'{_first_line(err)}); pass a TorchScript .pt or a network pickle .pkl') from None
+    if not (callable(detector) and hasattr(detector, 'to')):   # a module, or any network with .to(device)
+        raise ValueError(f'{name} holds a {type(detector).__name__}, not a detector network; pass a file that '
+                         f'holds one module called as detector(images, return_features=True)')
+    if hasattr(detector, 'eval'):
+        detector = detector.eval()
+    return detector.to(device)
+
+
+def _display_name(path_or_url):
+    return os.path.basename(urllib.parse.urlparse(path_or_url).path) if dnnlib.util.is_url(path_or_url) else path_or_url
+
+
+def _first_line(err):
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def detector_features(detector, images):
+    """Features [N, D] float64 of uint8 images [N, C, H, W] (C = 1 or 3) on the detector's device.
+
+    One-channel images are repeated to RGB. ValueError for other inputs and
+    for a detector whose output is not [N, D].
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f'The detector takes uint8 images [N, C, H, W] with C = 1 or 3, '
+                         f'got {images.dtype} {list(images.shape)}')
+    if images.shape[1] == 1:
+        images = images.repeat([1, 3, 1, 1])
+    with torch.no_grad():
+        features = detector(images, return_features=True)
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != images.shape[0]:
+        shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f'The detector returned {shape} for {images.shape[0]} images; a feature detector must '
+                         f'return [N, D] features when called with return_features=True')
+    return features.to(torch.float64)
+
+
+# ----------------------------------------------------------------------------
+# Statistics.
+
+
+def calculate_stats(image_batches, detector, num_expected=None, device=None):
+    """Mean and unbiased covariance of the features of all ranks' images.
+
+    image_batches: iterable of uint8 tensors [n, C, H, W], this rank's share;
+    detector: a module on `device` (default: torch_utils.distributed's);
+    num_expected: if given, the total number of images over all ranks must
+    be this (ValueError otherwise). Every rank must call this (collective).
+
+    Returns (mu float64 [D], sigma float64 [D, D]) as numpy arrays, the same
+    on every rank. An error on one rank is raised on all of them, so none
+    waits for the others forever.
+    """
+    device = dist.get_device() if device is None else torch.device(device)
+    feature_sum = feature_outer = None
+    count, failure = 0, None
+    try:
+        for images in image_batches:
+            if images.shape[0] == 0:
+                continue
+            features = detector_features(detector, images.to(device))
+            if feature_sum is None:
+                feature_sum = torch.zeros(features.shape[1], dtype=torch.float64, device=device)
+                feature_outer = torch.zeros([features.shape[1]] * 2, dtype=torch.float64, device=device)
+            feature_sum += features.sum(dim=0)
+            feature_outer += features.T @ features
+            count += features.shape[0]
+    except Exception as err:   # re-raised below, after the other ranks have been told
+        failure = err
+
+    dim = 0 if feature_sum is None else feature_sum.shape[0]
+    status = _all_reduce_max(torch.tensor([failure is not None, dim], dtype=torch.int64, device=device))
+    if failure is not None:
+        raise failure
+    if status[0]:
+        raise ValueError('Another rank failed while computing the feature statistics; see its error message')
+    dim = int(status[1])
+    if feature_sum is not None and feature_sum.shape[0] != dim:
+        raise ValueError(f'Ranks disagree on the feature size ({feature_sum.shape[0]} here, {dim} elsewhere)')
+    if feature_sum is None:
+        feature_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        feature_outer = torch.zeros([dim, dim], dtype=torch.float64, device=device)
+
+    packed = torch.cat([torch.tensor([count], dtype=torch.float64, device=device), feature_sum, feature_outer.flatten()])
+    dist.all_reduce_sum(packed)
+    total = int(packed[0].item())
+    if num_expected is not None and total != num_expected:
+        raise ValueError(f'Got {total} images for the statistics, expected {num_expected}')
+    if total < 2:
+        raise ValueError(f'Got {total} images; the covariance needs at least 2')
+    return _mean_and_covariance(packed[1:1 + dim].cpu().numpy(), packed[1 + dim:].reshape(dim, dim).cpu().numpy(), total)
+
+
+def _mean_and_covariance(feature_sum, feature_outer, n):
+    """mu = sum / n, sigma = (sum x x^T - n mu mu^T) / (n - 1), from float64 sums over n samples."""
+    mu = feature_sum / n
+    sigma = (feature_outer - n * np.outer(mu, mu)) / (n - 1)
+    return mu, sigma
+
+
+def _all_reduce_max(tensor):
+    """Elementwise maximum of `tensor` over ranks, in place (no-op in a single process)."""
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor
+
+
+# ----------------------------------------------------------------------------
+# Frechet distance.
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """Tr sqrtm(sigma1 sigma2) of two symmetric PSD matrices [D, D], exactly and fast.
+
+    With sigma1 = F F^T (Cholesky, or an eigendecomposition when sigma1 is
+    singular), sigma1 sigma2 = F (F^T sigma2) has the eigenvalues of the
+    symmetric PSD F^T sigma2 F, so the trace of the principal square root is
+    the sum of their square roots. Eigenvalues below zero (rounding) count as
+    zero, which is the real part that sqrtm would give. Float64 throughout.
+    """
+    sigma1 = torch.as_tensor(np.asarray(sigma1), dtype=torch.float64)
+    sigma2 = torch.as_tensor(np.asarray(sigma2), dtype=torch.float64)
+    factor = _psd_factor(sigma1)
+    product = factor.T @ sigma2 @ factor
+    eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
+    return float(eigenvalues.clamp(min=0).sqrt().sum())
+
+
+def _psd_factor(sigma):
+    """F [D, D] with sigma = F F^T for a symmetric PSD sigma [D, D]."""
+    sigma = (sigma + sigma.T) / 2
+    lower, info = torch.linalg.cholesky_ex(sigma)
+    if info == 0:
+        return lower
+    eigenvalues, eigenvectors = torch.linalg.eigh(sigma)
+    return eigenvectors * eigenvalues.clamp(min=0).sqrt()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), a float.
+
+    mu [D], sigma [D, D] (numpy arrays or anything np.asarray takes).
+    ValueError when the shapes do not match.
+    """
+    mu1, sigma1 = _check_stats(mu1, sigma1, 'first')
+    mu2, sigma2 = _check_stats(mu2, sigma2, 'second')
+    if mu1.shape != mu2.shape:
+        raise ValueError(f'The statistics have {mu1.shape[0]} and {mu2.shape[0]} features: they come from different '
+                         f'detectors; compute both with the same one')
+    mean_term = np.square(mu1 - mu2).sum()
+    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+
+
+def _check_stats(mu, sigma, what):
+    """(mu [D], sigma [D, D]) as float64 arrays; ValueError naming `what` otherwise."""
+    mu = np.asarray(mu, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f'The {what} statistics have mu {list(mu.shape)} and sigma {list(sigma.shape)}; '
+                         f'expected mu [D] and sigma [D, D]')
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f'The {what} statistics contain NaN or infinite values')
+    return mu, sigma
+
+
+# ----------------------------------------------------------------------------
+# Reference statistics files.
+
+
+def load_ref(path_or_url):
+    """(mu float64 [D], sigma float64 [D, D]) from an .npz with keys 'mu' and 'sigma'.
+
+    Local path or URL (through the download cache; under torchrun rank 0
+    loads first and every rank must call this). ValueError for a file that
+    is not such an .npz.
+    """
+    return _rank0_first(_load_ref, path_or_url)
+
+
+def _load_ref(path_or_url):
+    name = _display_name(path_or_url)
+    with dnnlib.util.open_url(path_or_url, verbose=dist.get_rank() == 0) as f:
+        data = f.read()
+    if not data.startswith(_ZIP_MAGIC):
+        raise ValueError(f'{name} is not an .npz file; make reference statistics with fid.py ref')
+    try:
+        npz = np.load(io.BytesIO(data), allow_pickle=False)
+        missing = [key for key in ('mu', 'sigma') if key not in npz.files]
+        if missing:
+            raise ValueError(f'no {" or ".join(repr(k) for k in missing)} array; it has {npz.files}')
+        mu, sigma = npz['mu'], npz['sigma']
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f'{name} is not FID reference statistics ({err}); make them with fid.py ref') from None
+    try:
+        return _check_stats(mu, sigma, f'reference ({name})')
+    except ValueError as err:
+        raise ValueError(f'{err}; make the reference with fid.py ref') from None
+
+
+def save_ref(path, mu, sigma):
+    """Write mu [D], sigma [D, D] as float64 to the .npz `path`, atomically."""
+    mu, sigma = _check_stats(mu, sigma, 'reference')
+    with dnnlib.util.atomic_write(path) as f:
+        np.savez(f, mu=mu, sigma=sigma)
+
+
+def _rank0_first(load, *args):
+    """load(*args) on rank 0, then on the other ranks (which then find downloads cached).
+
+    A failure on rank 0 is raised on every rank.
+    """
+    result, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = load(*args)
+        except Exception as err:   # re-raised below, after the other ranks have been told
+            failure = err
+    message = dist.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ValueError(message)
+    return result if dist.get_rank() == 0 else load(*args)
+
+
+# ----------------------------------------------------------------------------
+# Image sources.
+
+
+def open_image_folder(path, num=None, seed=0, allow_small=False):
+    """The dataset of a folder or zip of images, reduced to `num` of them.
+
+    num: None = all; fewer than found = a subset chosen by `seed` (as EDM);
+    more than found = ValueError unless allow_small, which takes all found.
+    """
+    from training.dataset import ImageFolderDataset
+    dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
+    if num is not None and len(dataset) < num and not allow_small:
+        raise ValueError(f'Found {len(dataset)} images in {path}, but expected at least {num}; generate more, '
+                         f'or pass --num={len(dataset)} (or --allow-small for a quick, biased check)')
+    if len(dataset) < 2:
+        raise ValueError(f'Found {len(dataset)} image in {path}; the statistics need at least 2')
+    return dataset
+
+
+def folder_batches(dataset, batch_size=64, num_workers=3, rank=None, world_size=None):
+    """This rank's images of `dataset` (items rank, rank + world_size, ...) as uint8 [n, C, H, W] batches."""
+    rank = dist.get_rank() if rank is None else rank
+    world_size = dist.get_world_size() if world_size is None else world_size
+    subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                                         prefetch_factor=2 if num_workers else None)
+    try:
+        for images, _labels in loader:
+            yield images
+    except ValueError as err:
+        raise ValueError(_worker_message(err)) from None
+
+
+def _worker_message(err):
+    """The original message of an error that a DataLoader worker wrapped with its traceback."""
+    text = str(err)
+    if 'DataLoader worker' not in text:
+        return text
+    prefix = f'{type(err).__name__}: '
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return lines[-1][len(prefix):] if lines else text
+
+
+def calculate_stats_for_folder(path, detector, num=None, seed=0, allow_small=False, batch_size=64, num_workers=3,
+                               device=None, progress=False):
+    """(mu, sigma) of the images in a folder or zip (see `open_image_folder`), over all ranks."""
+    dataset = open_image_folder(path, num=num, seed=seed, allow_small=allow_small)
+    batches = folder_batches(dataset, batch_size=batch_size, num_workers=num_workers)
+    if progress:
+        batches = _progress(batches, -(-len(dataset) // (batch_size * dist.get_world_size())))
+    return calculate_stats(batches, detector, num_expected=len(dataset), device=device)
+
+
+def _progress(batches, total):
+    """A tqdm progress bar on rank 0 (stderr); the batches unchanged elsewhere."""
+    if dist.get_rank() != 0:
+        return batches
+    import tqdm
+    return tqdm.tqdm(batches, total=total, unit='batch')
+
+
+# ----------------------------------------------------------------------------
+# FID.
+
+
+def calculate_fid(image_batches, ref, detector=None, num_expected=None, device=None):
+    """FID of this rank's share of images against reference statistics, on every rank.
+
+    image_batches: iterable of uint8 [n, C, H, W]; ref: (mu, sigma) or an
+    .npz path or URL; detector: a module, a path or URL, or None for the
+    default Inception-v3.
+    """
+    device = dist.get_device() if device is None else torch.device(device)
+    if not isinstance(ref, (tuple, list)):
+        ref = load_ref(ref)
+    if detector is None or isinstance(detector, (str, os.PathLike)):
+        detector = load_detector(detector, device)
+    mu, sigma = calculate_stats(image_batches, detector, num_expected=num_expected, device=device)
+    return frechet_distance(mu, sigma, *ref)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_detector(path_or_url, device):
+    return load_detector(path_or_url, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_ref(path_or_url):
+    return load_ref(path_or_url)
+
+
+def calc_metric_for_network(metric, net, ref, num=50000, detector=None, batch_size=64, device=None):
+    """A metric of a network during training: 'fid' of `num` images, seeds 0 .. num - 1.
+
+    Each rank generates its share of the images (training.sampling with its
+    default sampler). The detector and the reference are loaded once per
+    process. Returns the FID, a float, on every rank.
+    """
+    from training import sampling
+    if metric != 'fid':
+        raise ValueError(f'Unknown metric {metric!r}; the metrics are: fid')
+    device = dist.get_device() if device is None else torch.device(device)
+    mu_ref, sigma_ref = _cached_ref(ref)
+    detector = _cached_detector(detector, device)
+    batches = (images for _seeds, images in sampling.generate_images(net, range(num), batch_size, device=device))
+    mu, sigma = calculate_stats(batches, detector, num_expected=num, device=device)
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref)

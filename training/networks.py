@@ -1,0 +1,887 @@
+"""Network architectures and preconditioners.
+
+Architectures (parameter names and shapes follow EDM's reference networks, so
+weights copied by name from an EDM or official Patch Diffusion pickle give the
+same outputs):
+
+- `SongUNet`: DDPM++ and NCSN++ (Song et al., "Score-Based Generative Modeling
+  through Stochastic Differential Equations"), as re-implemented by EDM.
+- `DhariwalUNet`: ADM (Dhariwal & Nichol, "Diffusion Models Beat GANs on
+  Image Synthesis"), as re-implemented by EDM.
+
+Preconditioners (EDM paper, Table 1; SPEC.md section 1): `VPPrecond`,
+`VEPrecond`, `EDMPrecond`. Each computes
+
+    D(x; sigma) = c_skip * x + c_out * F(cat(c_in * x, pos); c_noise)
+
+where `pos` are the optional Patch Diffusion coordinate channels (SPEC.md
+section 2), added after c_in scaling and carrying no noise.
+
+Tensor layout is NCHW throughout. This module is embedded in network pickles
+(torch_utils.persistence), so it imports only numpy, torch and torch_utils.
+"""
+
+import numpy as np
+import torch
+from torch.nn.functional import silu
+
+from torch_utils import persistence
+
+# ----------------------------------------------------------------------------
+# Weight initialization.
+
+
+def weight_init(shape, mode, fan_in, fan_out):
+    """Random tensor of `shape` drawn from the global torch RNG.
+
+    mode: 'xavier_uniform' | 'xavier_normal' | 'kaiming_uniform' |
+    'kaiming_normal', with the variances 2/(fan_in+fan_out) (xavier) and
+    1/fan_in (kaiming), as in EDM.
+    """
+    if mode == 'xavier_uniform':
+        return np.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == 'xavier_normal':
+        return np.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == 'kaiming_uniform':
+        return np.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == 'kaiming_normal':
+        return np.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(f'Unknown init_mode {mode!r}; use xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal')
+
+
+# ----------------------------------------------------------------------------
+# Layers.
+
+
+@persistence.persistent_class
+class Linear(torch.nn.Module):
+    """Fully connected layer: [N, in_features] -> [N, out_features].
+
+    weight [out_features, in_features] is weight_init(init_mode) * init_weight;
+    bias [out_features] is weight_init(init_mode) * init_bias.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1, init_bias=0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x):
+        """x: [N, in_features] -> [N, out_features] in x.dtype."""
+        x = x @ self.weight.to(x.dtype).t()
+        if self.bias is not None:
+            x = x.add_(self.bias.to(x.dtype))
+        return x
+
+
+def _resample_kernel(resample_filter):
+    """Separable FIR filter [1, 1, K, K] = outer(f, f) / sum(f)^2."""
+    f = torch.as_tensor(resample_filter, dtype=torch.float32)
+    return f.ger(f).unsqueeze(0).unsqueeze(1) / f.sum().square()
+
+
+@persistence.persistent_class
+class Conv2d(torch.nn.Module):
+    """2-D convolution with optional 2x up- or downsampling by an FIR filter.
+
+    kernel: size of the square kernel, 0 for a pure resampling layer (no
+    weight, no bias). weight [out_channels, in_channels, kernel, kernel],
+    bias [out_channels]. With `up` or `down` the layer holds the buffer
+    `resample_filter` [1, 1, K, K]; `fused_resample` applies the filter and
+    the kernel in one padded pass (NCSN++'s residual encoder uses it).
+    Input [N, in_channels, H, W] -> [N, out_channels, H', W'] with H' = 2H
+    (up), H/2 (down) or H.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
+                 resample_filter=[1, 1], fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
+        assert not (up and down)
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        self.weight = None
+        self.bias = None
+        if kernel:
+            self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
+            if bias:
+                self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias)
+        self.register_buffer('resample_filter', _resample_kernel(resample_filter) if up or down else None)
+
+    def forward(self, x):
+        """x: [N, in_channels, H, W] -> [N, out_channels, H', W'] in x.dtype."""
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        if self.fused_resample and w is not None and self.up:
+            x = _upsample(x, f, padding=w_pad + f_pad)
+            x = torch.nn.functional.conv2d(x, w)
+        elif self.fused_resample and w is not None and self.down:
+            x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad)
+            x = _downsample(x, f, padding=0)
+        else:
+            if self.up:
+                x = _upsample(x, f, padding=f_pad)
+            if self.down:
+                x = _downsample(x, f, padding=f_pad)
+            if w is not None:
+                x = torch.nn.functional.conv2d(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
+        return x
+
+
+def _upsample(x, f, padding):
+    """2x upsampling of each channel by the transposed FIR filter f [1, 1, K, K] (gain 4)."""
+    channels = x.shape[1]
+    return torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=padding)
+
+
+def _downsample(x, f, padding):
+    """2x downsampling of each channel by the FIR filter f [1, 1, K, K]."""
+    channels = x.shape[1]
+    return torch.nn.functional.conv2d(x, f.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=padding)
+
+
+@persistence.persistent_class
+class GroupNorm(torch.nn.Module):
+    """Group normalization with min(num_groups, C // min_channels_per_group) groups."""
+
+    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        """x: [N, C, H, W] -> same shape and dtype."""
+        return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
+                                              bias=self.bias.to(x.dtype), eps=self.eps)
+
+
+class _AttentionWeights(torch.autograd.Function):
+    """w = softmax_k(q^T k / sqrt(C)), computed in float32 whatever the input dtype.
+
+    q, k: [B, C, L] -> w: [B, L_q, L_k] in q.dtype. Only q, k and w are kept
+    for the backward pass, so fp16 training stores no float32 logits.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k):
+        logits = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32))
+        w = logits.softmax(dim=2).to(q.dtype)
+        ctx.save_for_backward(q, k, w)
+        return w
+
+    @staticmethod
+    def backward(ctx, dw):
+        q, k, w = ctx.saved_tensors
+        w = w.to(torch.float32)
+        dw = dw.to(torch.float32)
+        dlogits = w * (dw - (dw * w).sum(dim=2, keepdim=True))  # softmax backward
+        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), dlogits).to(q.dtype) / np.sqrt(k.shape[1])
+        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), dlogits).to(k.dtype) / np.sqrt(k.shape[1])
+        return dq, dk
+
+
+@persistence.persistent_class
+class UNetBlock(torch.nn.Module):
+    """Residual block with optional 2x up/downsampling and self-attention.
+
+    The union of the DDPM++, NCSN++ and ADM blocks (EDM). Submodules: norm0,
+    conv0, affine (embedding -> per-channel bias, or scale and shift when
+    `adaptive_scale`), norm1, conv1, `skip` (only when the shape changes),
+    and with attention norm2, qkv, proj. forward: x [N, in_channels, H, W],
+    emb [N, emb_channels] -> [N, out_channels, H', W'].
+    """
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
+                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
+                 resample_filter=[1, 1], resample_proj=False, adaptive_scale=True,
+                 init=dict(), init_zero=dict(init_weight=0), init_attn=None):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.emb_channels = emb_channels
+        if not attention:
+            self.num_heads = 0
+        else:
+            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down,
+                            resample_filter=resample_filter, **init)
+        self.affine = Linear(in_features=emb_channels, out_features=out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
+        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
+
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down,
+                               resample_filter=resample_filter, **init)
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
+            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1,
+                              **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
+
+    def forward(self, x, emb):
+        """x: [N, in_channels, H, W], emb: [N, emb_channels] -> [N, out_channels, H', W']."""
+        orig = x
+        x = self.conv0(silu(self.norm0(x)))
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(chunks=2, dim=1)
+            x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        else:
+            x = silu(self.norm1(x.add_(params)))
+        x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
+        x = x.add_(self.skip(orig) if self.skip is not None else orig)
+        x = x * self.skip_scale
+        if self.num_heads:
+            x = self._attention(x)
+        return x
+
+    def _attention(self, x):
+        """Multi-head self-attention over the H*W positions, with residual and skip_scale."""
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
+        weights = _AttentionWeights.apply(q, k)  # [N*heads, HW, HW]
+        a = torch.einsum('nqk,nck->ncq', weights, v)
+        x = self.proj(a.reshape(n, c, h, w)).add_(x)
+        return x * self.skip_scale
+
+
+# ----------------------------------------------------------------------------
+# Noise-level embeddings.
+
+
+@persistence.persistent_class
+class PositionalEmbedding(torch.nn.Module):
+    """Transformer-style sinusoidal embedding (DDPM++, ADM): [N] -> [N, num_channels].
+
+    Frequencies (1 / max_positions) ** (i / D), i = 0 .. num_channels/2 - 1,
+    D = num_channels/2 (- 1 with `endpoint`); output [cos, sin].
+    """
+
+    def __init__(self, num_channels, max_positions=10000, endpoint=False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x):
+        """x: [N] noise labels -> [N, num_channels]."""
+        half = self.num_channels // 2
+        freqs = torch.arange(start=0, end=half, dtype=torch.float32, device=x.device)
+        freqs = freqs / (half - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs
+        x = x.ger(freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+@persistence.persistent_class
+class FourierEmbedding(torch.nn.Module):
+    """Random Fourier features (NCSN++): [N] -> [N, num_channels], output [cos, sin].
+
+    Buffer `freqs` [num_channels/2] ~ Normal(0, scale^2).
+    """
+
+    def __init__(self, num_channels, scale=16):
+        super().__init__()
+        self.register_buffer('freqs', torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x):
+        """x: [N] noise labels -> [N, num_channels]."""
+        x = x.ger((2 * np.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Input layer variants.
+
+
+@persistence.persistent_class
+class ImplicitMLP(torch.nn.Sequential):
+    """The official Patch Diffusion "implicit MLP" input layer.
+
+    Three 1x1 convolutions with SiLU, then a 3x3 convolution, replacing the
+    first 3x3 convolution of the UNet: [N, in_channels, H, W] ->
+    [N, out_channels, H, W]. Its parameters are named 0.*, 2.*, 4.*, 6.* as in
+    the official code, so its weights transfer by name.
+    """
+
+    def __init__(self, in_channels, out_channels, init):
+        super().__init__(
+            Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=1, **init),
+            torch.nn.SiLU(),
+            Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init),
+            torch.nn.SiLU(),
+            Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init),
+            torch.nn.SiLU(),
+            Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init),
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+
+def _input_layer(in_channels, out_channels, implicit_mlp, init):
+    """First layer of a UNet: a 3x3 Conv2d, or an ImplicitMLP."""
+    if implicit_mlp:
+        return ImplicitMLP(in_channels=in_channels, out_channels=out_channels, init=init)
+    return Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, **init)
+
+
+def _check_input_size(x, num_levels):
+    """Raise ValueError unless H and W of x [N, C, H, W] survive num_levels - 1 halvings."""
+    multiple = 2 ** (num_levels - 1)
+    height, width = x.shape[-2:]
+    if height % multiple or width % multiple:
+        raise ValueError(f'Input of {height}x{width} pixels: this UNet halves the resolution {num_levels - 1} times, '
+                         f'so height and width must be multiples of {multiple}; use such a patch size')
+
+
+def _check_choice(name, value, choices):
+    """Raise ValueError unless value is one of choices."""
+    if value not in choices:
+        raise ValueError(f'{name}={value!r} is not supported; choose one of {", ".join(map(repr, choices))}')
+
+
+def _drop_labels(class_labels, label_dropout, training):
+    """Zero the label rows [N, label_dim] with probability label_dropout while training."""
+    if not (training and label_dropout):
+        return class_labels
+    keep = torch.rand([class_labels.shape[0], 1], device=class_labels.device) >= label_dropout
+    return class_labels * keep.to(class_labels.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Architectures.
+
+
+@persistence.persistent_class
+class SongUNet(torch.nn.Module):
+    """DDPM++ / NCSN++ UNet (EDM's SongUNet).
+
+    DDPM++: embedding_type='positional', channel_mult_noise=1,
+    encoder_type='standard', resample_filter=[1,1]. NCSN++:
+    embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
+    resample_filter=[1,3,3,1]. Both use decoder_type='standard'.
+    `implicit_mlp` replaces the first convolution by an ImplicitMLP.
+    forward: x [N, in_channels, H, W] (H, W multiples of
+    2 ** (len(channel_mult) - 1), may be smaller than img_resolution),
+    noise_labels [N], class_labels [N, label_dim] or None,
+    augment_labels [N, augment_dim] or None -> [N, out_channels, H, W].
+    """
+
+    def __init__(self,
+                 img_resolution,                 # Resolution of the full image; names the layers.
+                 in_channels,                    # Input channels (image + coordinate channels).
+                 out_channels,                   # Output channels.
+                 label_dim=0,                    # Number of class labels, 0 = unconditional.
+                 augment_dim=0,                  # Augmentation label dimensionality, 0 = no augmentation.
+                 model_channels=128,             # Base channel count.
+                 channel_mult=[1, 2, 2, 2],      # Channel multiplier per resolution level.
+                 channel_mult_emb=4,             # Embedding width = model_channels * channel_mult_emb.
+                 num_blocks=4,                   # Residual blocks per resolution level.
+                 attn_resolutions=[16],          # Resolutions with self-attention.
+                 dropout=0.10,                   # Dropout probability inside the blocks.
+                 label_dropout=0,                # Probability of dropping class labels (classifier-free guidance).
+                 embedding_type='positional',    # Noise embedding: 'positional' (DDPM++) or 'fourier' (NCSN++).
+                 channel_mult_noise=1,           # Noise embedding width multiplier: 1 (DDPM++), 2 (NCSN++).
+                 encoder_type='standard',        # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++).
+                 decoder_type='standard',        # 'standard' or 'skip'.
+                 resample_filter=[1, 1],         # FIR resampling filter: [1,1] (DDPM++), [1,3,3,1] (NCSN++).
+                 implicit_mlp=False,             # First layer is an ImplicitMLP instead of a 3x3 conv.
+                 ):
+        _check_choice('embedding_type', embedding_type, ['fourier', 'positional'])
+        _check_choice('encoder_type', encoder_type, ['standard', 'skip', 'residual'])
+        _check_choice('decoder_type', decoder_type, ['standard', 'skip'])
+        super().__init__()
+        self.label_dropout = label_dropout
+        self.num_levels = len(channel_mult)
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode='xavier_uniform')
+        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
+        init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
+                            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                            init=init, init_zero=init_zero, init_attn=init_attn)
+
+        # Mapping: noise level (+ class, + augmentation) -> embedding [N, emb_channels].
+        if embedding_type == 'positional':
+            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
+        else:
+            self.map_noise = FourierEmbedding(num_channels=noise_channels)
+        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
+        self.map_augment = None
+        if augment_dim:
+            self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init)
+        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels
+                self.enc[f'{res}x{res}_conv'] = _input_layer(cin, cout, implicit_mlp, init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+                if encoder_type == 'skip':
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(in_channels=caux, out_channels=caux, kernel=0, down=True,
+                                                               resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(in_channels=caux, out_channels=cout, kernel=1, **init)
+                if encoder_type == 'residual':
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(in_channels=caux, out_channels=cout, kernel=3, down=True,
+                                                                   resample_filter=resample_filter, fused_resample=True, **init)
+                    caux = cout
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
+        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attention = (idx == num_blocks and res in attn_resolutions)
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=attention,
+                                                                **block_kwargs)
+            if decoder_type == 'skip' or level == 0:
+                if decoder_type == 'skip' and level < len(channel_mult) - 1:
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0,
+                                                             up=True, resample_filter=resample_filter)
+                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
+                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        """x [N, in_channels, H, W], noise_labels [N] -> [N, out_channels, H, W]."""
+        _check_input_size(x, self.num_levels)
+        emb = self._embedding(noise_labels, class_labels, augment_labels)
+
+        # Encoder; skip connections are the outputs of the non-aux layers.
+        skips = []
+        aux = x
+        for name, block in self.enc.items():
+            if 'aux_down' in name:
+                aux = block(aux)
+            elif 'aux_skip' in name:
+                x = skips[-1] = x + block(aux)
+            elif 'aux_residual' in name:
+                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+
+        # Decoder; the output is the sum of the aux_conv outputs.
+        aux = None
+        tmp = None
+        for name, block in self.dec.items():
+            if 'aux_up' in name:
+                aux = block(aux)
+            elif 'aux_norm' in name:
+                tmp = block(x)
+            elif 'aux_conv' in name:
+                tmp = block(silu(tmp))
+                aux = tmp if aux is None else tmp + aux
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return aux
+
+    def _embedding(self, noise_labels, class_labels, augment_labels):
+        """[N] noise labels (+ [N, label_dim], + [N, augment_dim]) -> [N, emb_channels]."""
+        emb = self.map_noise(noise_labels)
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] -> [sin, cos]
+        if self.map_label is not None:
+            labels = _drop_labels(class_labels, self.label_dropout, self.training)
+            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = silu(self.map_layer0(emb))
+        return silu(self.map_layer1(emb))
+
+
+@persistence.persistent_class
+class DhariwalUNet(torch.nn.Module):
+    """ADM UNet (EDM's DhariwalUNet).
+
+    `implicit_mlp` replaces the first convolution by an ImplicitMLP (the
+    official code offers it for DDPM++/NCSN++ only; here ADM has it too).
+    forward: x [N, in_channels, H, W] (H, W multiples of
+    2 ** (len(channel_mult) - 1)), noise_labels [N], class_labels
+    [N, label_dim] or None, augment_labels [N, augment_dim] or None ->
+    [N, out_channels, H, W].
+    """
+
+    def __init__(self,
+                 img_resolution,                 # Resolution of the full image; names the layers.
+                 in_channels,                    # Input channels (image + coordinate channels).
+                 out_channels,                   # Output channels.
+                 label_dim=0,                    # Number of class labels, 0 = unconditional.
+                 augment_dim=0,                  # Augmentation label dimensionality, 0 = no augmentation.
+                 model_channels=192,             # Base channel count.
+                 channel_mult=[1, 2, 3, 4],      # Channel multiplier per resolution level.
+                 channel_mult_emb=4,             # Embedding width = model_channels * channel_mult_emb.
+                 num_blocks=3,                   # Residual blocks per resolution level.
+                 attn_resolutions=[32, 16, 8],   # Resolutions with self-attention.
+                 dropout=0.10,                   # Dropout probability inside the blocks.
+                 label_dropout=0,                # Probability of dropping class labels (classifier-free guidance).
+                 implicit_mlp=False,             # First layer is an ImplicitMLP instead of a 3x3 conv.
+                 ):
+        super().__init__()
+        self.label_dropout = label_dropout
+        self.num_levels = len(channel_mult)
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
+        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+
+        # Mapping: noise level (+ augmentation, + class) -> embedding [N, emb_channels].
+        self.map_noise = PositionalEmbedding(num_channels=model_channels)
+        self.map_augment = None
+        if augment_dim:
+            self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero)
+        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_label = None
+        if label_dim:
+            self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False,
+                                    init_mode='kaiming_normal', init_weight=np.sqrt(label_dim))
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_conv'] = _input_layer(cin, cout, implicit_mlp, init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
+        skips = [block.out_channels for block in self.enc.values()]
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
+        self.out_norm = GroupNorm(num_channels=cout)
+        self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        """x [N, in_channels, H, W], noise_labels [N] -> [N, out_channels, H, W]."""
+        _check_input_size(x, self.num_levels)
+        emb = self._embedding(noise_labels, class_labels, augment_labels)
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(silu(self.out_norm(x)))
+
+    def _embedding(self, noise_labels, class_labels, augment_labels):
+        """[N] noise labels (+ [N, augment_dim], + [N, label_dim]) -> [N, emb_channels]."""
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = silu(self.map_layer0(emb))
+        emb = self.map_layer1(emb)
+        if self.map_label is not None:
+            emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training))
+        return silu(emb)
+
+
+MODELS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
+
+# ----------------------------------------------------------------------------
+# Coordinate channels (SPEC.md section 2).
+
+
+def _full_grid(resolution, batch_size, device):
+    """Coordinate grid of the whole R x R image: [N, 2, R, R], channels [x, y].
+
+    value(index) = (index / (R - 1) - 0.5) * 2, so both run from -1 to 1;
+    channel 0 varies along columns (x), channel 1 along rows (y). Computed in
+    float64 and rounded once to float32, so it equals the formula evaluated
+    in Python or numpy.
+    """
+    values = (torch.arange(resolution, dtype=torch.float64, device=device) / (resolution - 1) - 0.5) * 2
+    values = values.to(torch.float32)
+    rows, cols = torch.meshgrid(values, values, indexing='ij')
+    return torch.stack([cols, rows]).unsqueeze(0).expand(batch_size, -1, -1, -1)
+
+
+def _encode_coordinates(pos, pos_freqs):
+    """pos [N, 2, H, W] -> [N, 2 + 4 * pos_freqs, H, W].
+
+    Channels: pos itself, then for k = 0 .. pos_freqs - 1 the pair
+    sin(2^k * pi * pos), cos(2^k * pi * pos) (2 channels each).
+    """
+    features = [pos]
+    for k in range(pos_freqs):
+        angle = (2 ** k * np.pi) * pos
+        features += [angle.sin(), angle.cos()]
+    return torch.cat(features, dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Preconditioners.
+
+
+class _Precond(torch.nn.Module):
+    """What VP, VE and EDM preconditioning share: the UNet, labels, coordinates, dtype.
+
+    Subclasses set sigma_min and sigma_max and implement
+    `preconditioning(sigma) -> (c_skip, c_out, c_in, c_noise)`.
+    """
+
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
+                 model_type, model_kwargs):
+        super().__init__()
+        if model_type not in MODELS:
+            raise ValueError(f'model_type={model_type!r} is unknown; choose one of {", ".join(map(repr, MODELS))}')
+        if pos_freqs < 0 or int(pos_freqs) != pos_freqs:
+            raise ValueError(f'pos_freqs={pos_freqs!r} must be a non-negative integer')
+        if pos_freqs and not use_pos:
+            raise ValueError(f'pos_freqs={pos_freqs} needs coordinate channels; set use_pos=True or pos_freqs=0')
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.use_pos = use_pos
+        self.pos_freqs = int(pos_freqs)
+        self.pos_channels = 2 + 4 * self.pos_freqs if use_pos else 0
+        self.implicit_mlp = implicit_mlp
+        self.model = MODELS[model_type](img_resolution=img_resolution, in_channels=img_channels + self.pos_channels,
+                                        out_channels=img_channels, label_dim=label_dim, implicit_mlp=implicit_mlp,
+                                        **model_kwargs)
+
+    def forward(self, x, sigma, pos=None, class_labels=None, force_fp32=False, augment_labels=None):
+        """Denoised image D_x [N, C, H, W] float32.
+
+        x: noisy image or patch [N, C, H, W]; sigma: noise level, scalar or
+        [N]; pos: coordinates [N, 2, H, W] in [-1, 1] (None = full image grid)
+        for a use_pos model; class_labels: [N, label_dim] (None = zeros, i.e.
+        unconditional; ignored when label_dim == 0); augment_labels:
+        [N, augment_dim] or None. The UNet runs in fp16 when use_fp16, not
+        force_fp32 and x is on CUDA.
+        """
+        x = x.to(torch.float32)
+        sigma = self._sigma_column(sigma, x)
+        class_labels = self._class_labels(class_labels, x)
+        coords = self._coordinate_channels(pos, x)
+        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
+
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
+        x_in = c_in * x
+        if coords is not None:
+            x_in = torch.cat([x_in, coords], dim=1)
+        F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, augment_labels=augment_labels)
+        assert F_x.dtype == dtype
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def round_sigma(self, sigma):
+        """Noise levels the network supports: all of them (identity)."""
+        return torch.as_tensor(sigma)
+
+    def _sigma_column(self, sigma, x):
+        """sigma (scalar or [N]) -> [N, 1, 1, 1] float32 on x.device."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        if sigma.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f'sigma has {sigma.shape[0]} values for a batch of {x.shape[0]}; give one per image or a scalar')
+        return sigma.expand(x.shape[0], 1, 1, 1)
+
+    def _class_labels(self, class_labels, x):
+        """class_labels -> [N, label_dim] float32 (zeros when None), or None when unconditional."""
+        if self.label_dim == 0:
+            return None
+        if class_labels is None:
+            return torch.zeros([x.shape[0], self.label_dim], device=x.device)
+        return class_labels.to(device=x.device, dtype=torch.float32).reshape(-1, self.label_dim)
+
+    def _coordinate_channels(self, pos, x):
+        """Encoded coordinate channels [N, pos_channels, H, W] float32, or None without use_pos."""
+        if not self.use_pos:
+            if pos is not None:
+                raise ValueError('pos was given, but this network was built with use_pos=False; '
+                                 'call it without pos, or build it with use_pos=True')
+            return None
+        n, _, height, width = x.shape
+        if pos is None:
+            if height != self.img_resolution or width != self.img_resolution:
+                raise ValueError(f'pos is needed for a {height}x{width} patch; the default (the full image grid) '
+                                 f'only fits {self.img_resolution}x{self.img_resolution} inputs')
+            pos = _full_grid(self.img_resolution, n, x.device)
+        if tuple(pos.shape) != (n, 2, height, width):
+            raise ValueError(f'pos has shape {list(pos.shape)}; expected [N, 2, H, W] = {[n, 2, height, width]}')
+        return _encode_coordinates(pos.to(device=x.device, dtype=torch.float32), self.pos_freqs)
+
+
+@persistence.persistent_class
+class VPPrecond(_Precond):
+    """Variance preserving preconditioning (EDM paper, Table 1).
+
+    sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1);
+    c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1),
+    c_noise = (M - 1) * sigma^-1(sigma).
+    """
+
+    def __init__(self,
+                 img_resolution,                 # Image resolution R (the full image).
+                 img_channels,                   # Image channels C (without coordinate channels).
+                 label_dim=0,                    # Number of class labels, 0 = unconditional.
+                 use_fp16=False,                 # Run the UNet in fp16 on CUDA.
+                 beta_d=19.9,                    # Extent of the noise level schedule.
+                 beta_min=0.1,                   # Initial slope of the noise level schedule.
+                 M=1000,                         # Number of time steps of the original DDPM formulation.
+                 epsilon_t=1e-5,                 # Smallest t used in training.
+                 model_type='SongUNet',          # Key of MODELS.
+                 use_pos=False,                  # Add coordinate channels (Patch Diffusion).
+                 pos_freqs=0,                    # Sin/cos frequencies added to the coordinate channels.
+                 implicit_mlp=False,             # ImplicitMLP as the UNet's first layer.
+                 **model_kwargs,                 # Passed to the UNet.
+                 ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
+                         model_type, model_kwargs)
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.M = M
+        self.epsilon_t = epsilon_t
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, dtype=torch.float64)))  # float64: EDM's float32 gives 2% less
+        self.sigma_max = float(self.sigma(torch.tensor(1.0, dtype=torch.float64)))
+
+    def preconditioning(self, sigma):
+        """sigma [N, 1, 1, 1] -> (c_skip, c_out, c_in, c_noise), each broadcastable to [N, 1, 1, 1]."""
+        c_skip = 1
+        c_out = -sigma
+        c_in = 1 / (sigma ** 2 + 1).sqrt()
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        return c_skip, c_out, c_in, c_noise
+
+    def sigma(self, t):
+        """Noise level at time t in [epsilon_t, 1]."""
+        t = torch.as_tensor(t)
+        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma):
+        """Time t of noise level sigma (inverse of `sigma`)."""
+        sigma = torch.as_tensor(sigma)
+        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+
+
+@persistence.persistent_class
+class VEPrecond(_Precond):
+    """Variance exploding preconditioning (EDM paper, Table 1).
+
+    c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma / 2).
+    """
+
+    def __init__(self,
+                 img_resolution,                 # Image resolution R (the full image).
+                 img_channels,                   # Image channels C (without coordinate channels).
+                 label_dim=0,                    # Number of class labels, 0 = unconditional.
+                 use_fp16=False,                 # Run the UNet in fp16 on CUDA.
+                 sigma_min=0.02,                 # Smallest supported noise level.
+                 sigma_max=100,                  # Largest supported noise level.
+                 model_type='SongUNet',          # Key of MODELS.
+                 use_pos=False,                  # Add coordinate channels (Patch Diffusion).
+                 pos_freqs=0,                    # Sin/cos frequencies added to the coordinate channels.
+                 implicit_mlp=False,             # ImplicitMLP as the UNet's first layer.
+                 **model_kwargs,                 # Passed to the UNet.
+                 ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
+                         model_type, model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def preconditioning(self, sigma):
+        """sigma [N, 1, 1, 1] -> (c_skip, c_out, c_in, c_noise), each broadcastable to [N, 1, 1, 1]."""
+        c_skip = 1
+        c_out = sigma
+        c_in = 1
+        c_noise = (0.5 * sigma).log()
+        return c_skip, c_out, c_in, c_noise
+
+
+@persistence.persistent_class
+class EDMPrecond(_Precond):
+    """EDM preconditioning (EDM paper, Table 1; SPEC.md section 1).
+
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma * sd / sqrt(sigma^2 + sd^2),
+    c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4, sd = sigma_data.
+    """
+
+    def __init__(self,
+                 img_resolution,                 # Image resolution R (the full image).
+                 img_channels,                   # Image channels C (without coordinate channels).
+                 label_dim=0,                    # Number of class labels, 0 = unconditional.
+                 use_fp16=False,                 # Run the UNet in fp16 on CUDA.
+                 sigma_min=0,                    # Smallest supported noise level.
+                 sigma_max=float('inf'),         # Largest supported noise level.
+                 sigma_data=0.5,                 # Expected standard deviation of the training data.
+                 model_type='DhariwalUNet',      # Key of MODELS.
+                 use_pos=False,                  # Add coordinate channels (Patch Diffusion).
+                 pos_freqs=0,                    # Sin/cos frequencies added to the coordinate channels.
+                 implicit_mlp=False,             # ImplicitMLP as the UNet's first layer.
+                 **model_kwargs,                 # Passed to the UNet.
+                 ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
+                         model_type, model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+
+    def preconditioning(self, sigma):
+        """sigma [N, 1, 1, 1] -> (c_skip, c_out, c_in, c_noise), each [N, 1, 1, 1]."""
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+PRECONDITIONERS = {'vp': VPPrecond, 've': VEPrecond, 'edm': EDMPrecond}
