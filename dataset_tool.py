@@ -4,12 +4,16 @@ train.py and fid.py read.
     python dataset_tool.py --source=downloads/cifar10/cifar-10-python.tar.gz \\
         --dest=datasets/cifar10-32x32.zip
     python dataset_tool.py convert --source=demo:shapes --dest=datasets/shapes-32x32.zip
+    python dataset_tool.py encode --source=datasets/imagenet-256x256.zip \\
+        --dest=datasets/imagenet-latents.zip --xflip=1
 
 Without a subcommand the tool runs `convert`, so EDM's invocations keep
 working. The archive layout (SPEC.md section 3): images 00000/img00000000.png,
 1000 per folder, named by output index, all the same square power-of-two size,
 1 (L) or 3 (RGB) channels, and dataset.json with
 {"labels": [["00000/img00000000.png", 6], ...]} or {"labels": null}.
+`encode` writes the VAE posterior statistics of every image instead
+(training.dataset.LatentDataset reads them; its docstring has the layout).
 """
 
 import dataclasses
@@ -476,9 +480,9 @@ def _check_options(transform, resolution, max_images):
 # Writing.
 
 
-def archive_name(index):
-    """Archive path of output image `index`: 00000/img00000000.png."""
-    return f'{index // IMAGES_PER_FOLDER:05d}/img{index:08d}.png'
+def archive_name(index, ext='png'):
+    """Archive path of output item `index`: 00000/img00000000.png (or .ext)."""
+    return f'{index // IMAGES_PER_FOLDER:05d}/img{index:08d}.{ext}'
 
 
 def _encode_png(image):
@@ -525,6 +529,17 @@ def _check_size(image, name, expected):
                                    f'pass --resolution={expected[0]}x{expected[1]} to resize all images')
 
 
+def _check_dest(dest):
+    """--dest without trailing slashes; ClickException if it is empty or exists."""
+    dest = dest.rstrip('/' + os.sep) or dest
+    if not dest:
+        raise click.ClickException('--dest must not be empty')
+    if os.path.lexists(dest):
+        raise click.ClickException(f'--dest={dest} already exists; remove it or choose another name '
+                                   f'(existing datasets are never overwritten)')
+    return dest
+
+
 def convert_dataset(source, dest, max_images=None, transform=None, resolution=None):
     """Convert `source` into a dataset archive at `dest` (a .zip or a new folder).
 
@@ -533,12 +548,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
     failed run leaves nothing that looks complete. Returns the number of
     images written. User errors raise click.ClickException.
     """
-    dest = dest.rstrip('/' + os.sep) or dest
-    if not dest:
-        raise click.ClickException('--dest must not be empty')
-    if os.path.lexists(dest):
-        raise click.ClickException(f'--dest={dest} already exists; remove it or choose another name '
-                                   f'(existing datasets are never overwritten)')
+    dest = _check_dest(dest)
     _check_options(transform, resolution, max_images)
     src = open_source(source, max_images, resolution)
     try:
@@ -560,28 +570,177 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
     return len(labels)
 
 
+def _transformed(src, transform_image):
+    """Yield (image, label) for the images of src: image uint8 [H, W, C] after
+    the transform and the size check, or None when the transform skipped it.
+    Stops after src.count images that were not skipped."""
+    size, count = None, 0
+    for item in src.iterate():
+        image = transform_image(item.image, item.name)
+        if image is not None:
+            _check_size(image, item.name, size)
+            size = (image.shape[1], image.shape[0])
+            count += 1
+        yield image, item.label
+        if count >= src.count:
+            return
+
+
 def _write_images(src, transform_image, writer):
     """Transform, check and write up to src.count images.
 
     Returns (labels, skipped): labels is [[archive name, label], ...] for the
     written images, skipped the number the transform rejected.
     """
-    labels, size, skipped = [], None, 0
+    labels, skipped = [], 0
     with tqdm(total=src.count, unit='img') as progress:
-        for item in src.iterate():
-            image = transform_image(item.image, item.name)
+        for image, label in _transformed(src, transform_image):
             if image is None:
                 skipped += 1
                 continue
-            _check_size(image, item.name, size)
-            size = (image.shape[1], image.shape[0])
             name = archive_name(len(labels))
             writer.write(name, _encode_png(image))
-            labels.append([name, item.label])
+            labels.append([name, label])
             progress.update(1)
-            if len(labels) >= src.count:
-                break
     return labels, skipped
+
+
+# ----------------------------------------------------------------------------
+# Encoding to latents.
+
+
+def _npy_bytes(array):
+    """The .npy file of an array, as bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _encode_batch(vae, images, xflip):
+    """uint8 images list of [R, R, 3] -> float32 [N, V, 2, C, R/f, R/f]: the
+    posterior (mean, std) of each image and, with xflip (V = 2), of its mirror."""
+    import torch
+    from training import latents
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # NHWC -> NCHW
+    variants = [batch, batch.flip(3)] if xflip else [batch]
+    stats = [torch.stack(latents.encode_images(vae, v), dim=1) for v in variants]
+    return torch.stack(stats, dim=1).cpu().numpy()
+
+
+def _write_latents(src, transform_image, writer, vae, xflip, batch_size):
+    """Transform, check, encode and write up to src.count images, batch_size at a time.
+
+    Returns (labels, skipped, shape): labels as _write_images's, shape the
+    [V, 2, C, h, w] of every written .npy (None if nothing was written).
+    """
+    labels, skipped, pending, shape = [], 0, [], None
+
+    def flush():
+        nonlocal shape
+        stats = _encode_batch(vae, [image for image, _ in pending], xflip)
+        for item_stats, (_, label) in zip(stats, pending):
+            name = archive_name(len(labels), ext='npy')
+            writer.write(name, _npy_bytes(item_stats))
+            labels.append([name, label])
+        shape = list(stats.shape[1:])
+        progress.update(len(pending))
+        pending.clear()
+
+    with tqdm(total=src.count, unit='img', desc='Encoding') as progress:
+        for image, label in _transformed(src, transform_image):
+            if image is None:
+                skipped += 1
+                continue
+            pending.append((image, label))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+    return labels, skipped, shape
+
+
+def _encoding_device(name):
+    """torch.device for --device (default cuda if available, else cpu); ClickException if unusable."""
+    import torch
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError as err:
+        raise click.ClickException(f'--device={name}: {err}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException(f'--device={name}: CUDA is not available here; use --device=cpu')
+    return device
+
+
+def _load_vae_for_encoding(vae, device):
+    """(the VAE on device, its input channels, its downsampling factor); ClickException if it cannot be loaded."""
+    from training import latents
+    try:
+        model = latents.load_vae(vae, device)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    return model, model.config.in_channels, latents.downsampling_factor(model)
+
+
+def encode_dataset(source, dest, vae=None, scale_factor=None, xflip=False, batch=64, device=None,
+                   max_images=None, transform=None, resolution=None):
+    """Encode every image of `source` once with a VAE into a latent archive at `dest`.
+
+    source, max_images, transform, resolution: as convert_dataset's (usually
+    a dataset archive made by convert); vae: hub id or save_pretrained
+    folder (default training.latents.DEFAULT_VAE); scale_factor: recorded
+    for training (default DEFAULT_SCALE_FACTOR); xflip: also encode each
+    mirrored image; batch: images per VAE call; device: default cuda if
+    available, else cpu. Staged under a temporary name and renamed at the
+    end. Returns the number of images encoded. User errors raise
+    click.ClickException.
+    """
+    from training import dataset, latents
+    vae = latents.DEFAULT_VAE if vae is None else os.fspath(vae)
+    if os.path.isdir(vae):
+        vae = os.path.abspath(vae)   # recorded, so training finds it from any working directory
+    scale_factor = latents.DEFAULT_SCALE_FACTOR if scale_factor is None else float(scale_factor)
+    dest = _check_dest(dest)
+    _check_options(transform, resolution, max_images)
+    if batch < 1:
+        raise click.ClickException(f'--batch={batch}: must be >= 1')
+    if not scale_factor > 0:
+        raise click.ClickException(f'--scale-factor={scale_factor}: must be > 0')
+    device = _encoding_device(device)
+    model, channels, factor = _load_vae_for_encoding(vae, device)
+    src = open_source(source, max_images, resolution)
+    try:
+        if src.channels != channels:
+            raise click.ClickException(f'--source={source} has {src.channels}-channel images, but the VAE encodes '
+                                       f'{channels}-channel (RGB) images; use an RGB dataset')
+        with dnnlib.util.atomic_path(dest) as tmp:
+            writer = _ArchiveWriter(tmp, as_zip=dest.lower().endswith('.zip'))
+            try:
+                transform_image = _divisible(make_transform(transform, resolution), factor)
+                labels, skipped, shape = _write_latents(src, transform_image, writer, model, xflip, batch)
+                if not labels:
+                    raise click.ClickException(f'--source={source}: all {skipped} images are smaller than '
+                                               f'--resolution and were skipped; nothing to encode')
+                meta = dict(format=dataset.LATENT_FORMAT, vae=vae, scale_factor=scale_factor,
+                            latent_channels=shape[2], latent_resolution=shape[3],
+                            source_resolution=shape[3] * factor, xflip=bool(xflip), count=len(labels))
+                writer.write('dataset.json', json.dumps({'labels': labels if src.has_labels else None}).encode('utf-8'))
+                writer.write(dataset.LATENT_METADATA, json.dumps(meta, indent=2).encode('utf-8'))
+            finally:
+                writer.close()
+    finally:
+        src.close()
+    return len(labels)
+
+
+def _divisible(transform_image, factor):
+    """transform_image, plus a ClickException for images whose side the VAE factor does not divide."""
+    def transform(image, name):
+        image = transform_image(image, name)
+        if image is not None and image.shape[0] % factor:
+            raise click.ClickException(f'{name} is {image.shape[1]}x{image.shape[0]}, but the VAE downsamples by '
+                                       f'{factor}; pass --resolution with a multiple of {factor}')
+        return image
+    return transform
 
 
 # ----------------------------------------------------------------------------
@@ -672,6 +831,40 @@ def convert(**opts):
     stays 1 channel unless some input is colour; alpha is dropped.
     """
     _run_convert(**opts)
+
+
+@cli.command()
+@convert_options
+@click.option('--vae', metavar='ID|DIR', type=str, default=None,
+              help='VAE: Hugging Face hub id or AutoencoderKL.save_pretrained folder  '
+                   '[default: stabilityai/sd-vae-ft-ema]')
+@click.option('--scale-factor', '--scale_factor', 'scale_factor', metavar='FLOAT', type=float, default=None,
+              help='Latent scale factor recorded for training  [default: 0.18215]')
+@click.option('--xflip', metavar='BOOL', type=bool, default=False, show_default=True,
+              help='Also encode the x-flipped images (for training with --xflip=1)')
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True,
+              help='Images per VAE call')
+@click.option('--device', metavar='STR', type=str, default=None,
+              help='Device  [default: cuda if available, else cpu]')
+def encode(source, dest, **opts):
+    """Encode images once with a VAE for latent training (--train_on_latents).
+
+    Reads any --source that convert reads (usually a dataset archive made by
+    convert) and writes, per image, the VAE posterior mean and standard
+    deviation as .npy, plus dataset.json (labels) and latents.json (the VAE,
+    scale factor and shapes). Training draws a new latent from them each
+    time. Needs diffusers: pip install -e ".[latent]".
+
+    \b
+    python dataset_tool.py encode --source=datasets/imagenet-256x256.zip \\
+        --dest=datasets/imagenet-latents.zip --xflip=1
+    """
+    if source is None:
+        raise click.UsageError("Missing option '--source'.")
+    if dest is None:
+        raise click.UsageError("Missing option '--dest'.")
+    count = encode_dataset(source, dest, **opts)
+    click.echo(f'Encoded {count} images to {dest}')
 
 
 if __name__ == '__main__':

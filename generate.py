@@ -1,5 +1,6 @@
 """Generate images with a trained network: ours, EDM's or the official Patch
-Diffusion's network pickles (SPEC.md sections 1 and 3).
+Diffusion's network pickles (SPEC.md sections 1 and 3). Samples of latent
+models are decoded to pixels with their VAE (SPEC.md section 2).
 
 A thin command line around training.sampling.generate_images. Runs alone or
 under torchrun, the ranks splitting the seeds; image k depends only on seed k.
@@ -14,7 +15,7 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
-from training import sampling
+from training import latents, sampling
 
 
 def _load_image(path):
@@ -48,6 +49,9 @@ def _init_device(device):
 @click.option('--resolution', help='Resolution, for pickles that do not record it', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--grid', help='Also write all images as one grid, outdir/grid.png', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--on_latents', help='The network makes VAE latents  [default: as the pickle records; official latent pickles need 1]', metavar='BOOL', type=bool, default=None)
+@click.option('--vae', help=f'VAE to decode latents with: hub id or save_pretrained folder  [default: as recorded, else {latents.DEFAULT_VAE}]', metavar='ID|DIR', type=str, default=None)
+@click.option('--scale_factor', help=f'Latent scale factor  [default: as recorded, else {latents.DEFAULT_SCALE_FACTOR}]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 
 @click.option('--steps', 'num_steps', help='Sampling steps N', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
 @click.option('--sigma_min', help='Smallest noise level of the steps  [default: the sampler\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
@@ -62,7 +66,8 @@ def _init_device(device):
 @click.option('--disc', 'discretization', help='Ablation: time step discretization', metavar='vp|ve|iddpm|edm', type=click.Choice(sampling.DISCRETIZATIONS))
 @click.option('--schedule', help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(sampling.SCHEDULES))
 @click.option('--scaling', help='Ablation: signal scaling s(t)', metavar='vp|none', type=click.Choice(sampling.SCALINGS))
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, resolution, grid, device, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, resolution, grid, device, on_latents, vae,
+         scale_factor, **sampler_kwargs):
     """Generate images with the EDM sampler, or the ablation sampler when any
     of --solver, --disc, --schedule, --scaling is given.
 
@@ -75,6 +80,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, re
     \b
     # 50,000 images on 2 GPUs, 1000 per folder
     torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-49999 --subdirs --network=net.pkl
+
+    \b
+    # An official Patch Diffusion latent model (ours record their VAE in the pickle)
+    python generate.py --outdir=out --seeds=0-63 --on_latents=1 --cfg=1.3 --network=imagenet-latent.pkl
     """
     device = _init_device(device)
     try:
@@ -87,9 +96,14 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, re
         dist.barrier()
     dist.print0(f'Loading network from "{network_pkl}"...')
     try:
-        net, _ = sampling.load_network(network_pkl, device, verbose=(dist.get_rank() == 0))
+        net, meta = sampling.load_network(network_pkl, device, verbose=(dist.get_rank() == 0))
+        latent = latents.generation_latent(meta.get('latent'), on_latents, vae, scale_factor)
+        channels = sampling.network_info(net).img_channels
+        if latent is None and channels not in (1, 3):
+            raise ValueError(f'The network makes {channels}-channel samples, not images; if it was trained on '
+                             f'VAE latents, add --on_latents=1 (and --vae)')
         batches = sampling.generate_images(net, seeds, batch_size=max_batch_size, class_idx=class_idx, cfg=cfg,
-                                           device=device, resolution=resolution, **sampler_kwargs)
+                                           device=device, resolution=resolution, latent=latent, **sampler_kwargs)
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     if dist.get_rank() == 0:

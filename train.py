@@ -39,6 +39,8 @@ def parse_int_list(s):
     """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]."""
     if isinstance(s, list):
         return s
+    if s.strip().lower() in ('', 'none'):
+        return []
     values = []
     for part in s.split(','):
         m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', part)
@@ -52,7 +54,7 @@ def parse_int_list(s):
 def build_config(opts, dataset):
     """The fully resolved options (what training_options.json holds)."""
     c = dnnlib.EasyDict()
-    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
+    c.dataset_kwargs = dnnlib.EasyDict(class_name=dataset_class_name(opts.data), path=opts.data,
                                        use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache,
                                        resolution=dataset.resolution, max_size=len(dataset) // (2 if opts.xflip else 1),
                                        random_seed=0)
@@ -64,6 +66,10 @@ def build_config(opts, dataset):
         c.network_kwargs.model_channels = opts.cbase
     if opts.cres is not None:
         c.network_kwargs.channel_mult = opts.cres
+    if opts.blocks is not None:
+        c.network_kwargs.num_blocks = opts.blocks
+    if opts.attn is not None:
+        c.network_kwargs.attn_resolutions = opts.attn
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_pos=True,
                             pos_freqs=opts.pos_freqs, implicit_mlp=opts.implicit_mlp)
     if opts.label_dropout:
@@ -76,9 +82,12 @@ def build_config(opts, dataset):
                                            aniso=1, translate_frac=1)
         c.network_kwargs.augment_dim = 9
     c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, progressive=opts.progressive,
-                                     latent=bool(opts.train_on_latents))
+                                     latent=bool(opts.train_on_latents or dataset.is_latent))
+    if opts.train_on_latents and not dataset.is_latent:
+        c.latent_kwargs = dnnlib.EasyDict(vae=opts.vae, scale_factor=opts.scale_factor)
     c.update(seed=opts.seed, batch_size=opts.batch, batch_gpu=opts.batch_gpu,
              total_kimg=max(opts.duration * 1000, 1e-3), ema_halflife_kimg=opts.ema * 1000,
+             lr_rampup_kimg=opts.lr_rampup,
              loss_scaling=opts.ls, cudnn_benchmark=opts.bench, kimg_per_tick=opts.tick,
              snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
              precision='bf16' if opts.bf16 else 'fp32', max_bad_steps=opts.max_bad_steps,
@@ -90,6 +99,21 @@ def build_config(opts, dataset):
         c.transfer_pkl = opts.transfer
         c.ema_rampup_ratio = None
     return c
+
+
+def dataset_class_name(path):
+    """The dataset class for --data: latents from `dataset_tool.py encode`, or images."""
+    from training.dataset import is_latent_archive
+    return 'training.dataset.LatentDataset' if is_latent_archive(path) else 'training.dataset.ImageFolderDataset'
+
+
+def latent_resolution(opts, dataset):
+    """Side of what the network sees: the dataset's, or the VAE latents' of raw images."""
+    if not opts.train_on_latents or dataset.is_latent:
+        return dataset.resolution
+    from training import latents
+    vae = latents.load_vae(opts.vae or latents.DEFAULT_VAE)
+    return dataset.resolution // latents.downsampling_factor(vae)
 
 
 def _comparable(c):
@@ -136,6 +160,8 @@ def next_run_dir(outdir, desc):
 # Patch options.
 @click.option('--real_p', '--real-p', 'real_p', help='Share of full-size steps (1 = plain EDM)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option('--train_on_latents', '--train-on-latents', 'train_on_latents', help='Train on Stable Diffusion VAE latents', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--vae', help='VAE for --train_on_latents on raw images  [default: stabilityai/sd-vae-ft-ema]', metavar='ID|DIR', type=str)
+@click.option('--scale_factor', '--scale-factor', 'scale_factor', help='Latent scale factor for --train_on_latents on raw images  [default: 0.18215]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--progressive', help='Patch sizes in increasing order instead of random', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--implicit_mlp', '--implicit-mlp', 'implicit_mlp', help='1x1-conv MLP on the input and coordinates', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--pos_freqs', '--pos-freqs', 'pos_freqs', help='Sin/cos frequencies added to the coordinate channels', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
@@ -145,7 +171,10 @@ def next_run_dir(outdir, desc):
 @click.option('--batch-gpu', '--batch_gpu', 'batch_gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--attn', help='Resolutions with self-attention, e.g. 16 or 32,16 or none  [default: varies]', metavar='LIST', type=parse_int_list)
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--lr-rampup', '--lr_rampup', 'lr_rampup', help='Learning-rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.13, show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.12, show_default=True)
@@ -187,9 +216,6 @@ def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     if opts.fp16 and opts.bf16:
         raise click.ClickException('--fp16 and --bf16 are exclusive: pick one')
-    if opts.train_on_latents:
-        raise click.ClickException('--train_on_latents=1 is not available yet in this version: '
-                                   'train in pixel space (--train_on_latents=0)')
     if opts.metrics and not opts.metric_ref:
         raise click.ClickException('--metrics=fid needs --metric-ref=NPZ|URL (reference statistics from fid.py ref)')
     if opts.label_dropout and not opts.cond:
@@ -200,16 +226,22 @@ def main(**kwargs):
     # Dataset: validate it and be explicit about its size and resolution.
     from training.training_loop import build_dataset, training_loop
     try:
-        dataset = build_dataset(dict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
+        dataset = build_dataset(dict(class_name=dataset_class_name(opts.data), path=opts.data,
                                      use_labels=opts.cond, max_size=opts.max_size, xflip=opts.xflip, cache=False))
     except (OSError, ValueError) as err:
         raise click.ClickException(f'--data={opts.data}: {err}') from None
     if opts.cond and not dataset.has_labels:
         raise click.ClickException(f'--cond=1 needs class labels, but {opts.data} has none (no labels in its dataset.json)')
     try:
-        patching.PatchSchedule(dataset.resolution, opts.real_p, latent=bool(opts.train_on_latents))
+        if dataset.is_latent and (opts.vae or opts.scale_factor):
+            raise ValueError(f'--vae and --scale_factor are for raw images; {opts.data} was encoded with '
+                             f'{dataset.vae} (scale factor {dataset.scale_factor})')
+        schedule = patching.PatchSchedule(latent_resolution(opts, dataset), opts.real_p,
+                                          latent=bool(opts.train_on_latents or dataset.is_latent))
     except ValueError as err:
         raise click.ClickException(str(err)) from None
+    if dataset.is_latent and opts.augment:
+        raise click.ClickException('--augment works on pixels; use --augment=0 with a latent dataset')
 
     seed_given = opts.seed is not None
     if not seed_given:
@@ -251,7 +283,7 @@ def main(**kwargs):
     dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
     dist.print0(f'Network architecture:    {opts.arch}')
     dist.print0(f'Preconditioning & loss:  {opts.precond}')
-    dist.print0(f'Patch sizes:             {patching.PatchSchedule(dataset.resolution, opts.real_p).describe()}')
+    dist.print0(f'Patch sizes:             {schedule.describe()}')
     dist.print0(f'Number of processes:     {world} on {device}')
     dist.print0(f'Batch size:              {c.batch_size}')
     dist.print0()

@@ -1,10 +1,21 @@
 """Images and labels from dataset archives made by dataset_tool.py (a ZIP or a
-folder of PNGs plus dataset.json; SPEC.md section 3).
+folder of PNGs plus dataset.json; SPEC.md section 3), and the VAE latents of
+archives made by `dataset_tool.py encode` (LatentDataset).
 
 The constructor keywords are EDM's, so the `dataset_kwargs` stored in EDM and
 Patch Diffusion snapshots (class_name='training.dataset.ImageFolderDataset',
 path, use_labels, xflip, cache, max_size, random_seed, resolution) construct
-this class unchanged.
+ImageFolderDataset unchanged.
+
+Encoded latent archive (a ZIP or a folder):
+    00000/img00000000.npy   float32 [V, 2, C, h, w] per image: the VAE
+                            posterior (mean, std) in latent units (before the
+                            scale factor) of the image (v = 0) and, when
+                            encoded with x-flips, of its mirror image (v = 1)
+    dataset.json            {"labels": [["00000/img00000000.npy", 6], ...]} or {"labels": null}
+    latents.json            {"format": LATENT_FORMAT, "vae", "scale_factor",
+                             "latent_channels", "latent_resolution",
+                             "source_resolution", "xflip", "count"}
 """
 
 import json
@@ -16,6 +27,8 @@ import PIL.Image
 import torch
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
+LATENT_METADATA = 'latents.json'
+LATENT_FORMAT = 'patch-diffusion-latents-v1'
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -27,7 +40,10 @@ class Dataset(torch.utils.data.Dataset):
 
     Item idx maps to raw item _raw_idx[idx]; with xflip the dataset is
     doubled and items n .. 2n-1 are the mirrored copies of items 0 .. n-1.
+    is_latent: items are VAE latent statistics (LatentDataset), not images.
     """
+
+    is_latent = False
 
     def __init__(self, name, raw_shape, use_labels=False, xflip=False, max_size=None, random_seed=0, cache=False):
         """name: str; raw_shape: [N, C, H, W] of all raw items; max_size: keep a
@@ -70,14 +86,19 @@ class Dataset(torch.utils.data.Dataset):
     def __len__(self):
         return self._raw_idx.size
 
+    def _raw_item(self, idx):
+        """The raw item of item idx, loaded once per process when caching."""
+        raw_idx = int(self._raw_idx[idx])
+        item = self._cached_images.get(raw_idx)
+        if item is None:
+            item = self._load_raw_image(raw_idx)
+            if self._cache:
+                self._cached_images[raw_idx] = item
+        return item
+
     def __getitem__(self, idx):
         """Return (image uint8 [C, H, W], label float32 [label_dim])."""
-        raw_idx = int(self._raw_idx[idx])
-        image = self._cached_images.get(raw_idx)
-        if image is None:
-            image = self._load_raw_image(raw_idx)
-            if self._cache:
-                self._cached_images[raw_idx] = image
+        image = self._raw_item(idx)
         if self._xflip[idx]:
             image = image[:, :, ::-1]
         return image.copy(), self.get_label(idx)
@@ -141,19 +162,17 @@ class Dataset(torch.utils.data.Dataset):
         return self.label_dim != 0
 
 
-class ImageFolderDataset(Dataset):
-    """Images of a dataset ZIP or folder, sorted by relative path.
+class _ArchiveDataset(Dataset):
+    """Items stored one per file in a ZIP or a folder, sorted by relative path,
+    with labels from dataset.json.
 
-    All images must have the same size and channel count (1 or 3); labels come
-    from dataset.json. A zip is opened lazily in each process (DataLoader
-    workers, forked or spawned, open their own handle).
+    A zip is opened lazily in each process (DataLoader workers, forked or
+    spawned, open their own handle). Subclasses call _open_archive() first.
     """
 
-    def __init__(self, path, resolution=None, use_labels=False, xflip=False, max_size=None, random_seed=0,
-                 cache=False, name=None):
-        """path: a .zip or a folder; resolution: if given, the images must be
-        resolution x resolution (ValueError otherwise); name: defaults to the
-        file or folder name without extension."""
+    def _open_archive(self, path, extensions, what):
+        """Open path (a .zip or a folder) and list its items: the files ending
+        in one of `extensions` (what: their name in error messages)."""
         self._path = os.fspath(path)
         self._zipfile = None
         self._zip_pid = None
@@ -170,19 +189,13 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f'{self._path}: a dataset must be a .zip or a folder; make one with dataset_tool.py')
         else:
             raise FileNotFoundError(f'{self._path}: no such dataset; make one with dataset_tool.py')
+        self._item_fnames = sorted(f for f in self._all_fnames if os.path.splitext(f)[1].lower() in extensions)
+        if not self._item_fnames:
+            raise ValueError(f'{self._path}: no {what} found; make the dataset with dataset_tool.py')
 
-        self._image_fnames = sorted(f for f in self._all_fnames if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-        if not self._image_fnames:
-            raise ValueError(f'{self._path}: no images found; make the dataset with dataset_tool.py')
-        first = self._load_raw_image(0, check=False)
-        raw_shape = [len(self._image_fnames)] + list(first.shape)
-        if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
-            raise ValueError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, not {resolution}x{resolution}; '
-                             f'use a dataset of that resolution')
-        if name is None:
-            name = os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
-        super().__init__(name=name, raw_shape=raw_shape, use_labels=use_labels, xflip=xflip, max_size=max_size,
-                         random_seed=random_seed, cache=cache)
+    def _default_name(self):
+        """The file or folder name without extension."""
+        return os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
 
     @staticmethod
     def _list_folder(path):
@@ -220,22 +233,8 @@ class ImageFolderDataset(Dataset):
         except Exception:
             pass
 
-    def _load_raw_image(self, raw_idx, check=True):
-        """Image raw_idx as uint8 [C, H, W]; ValueError if it is not L/RGB or not the dataset's shape."""
-        fname = self._image_fnames[raw_idx]
-        with self._open_file(fname) as f, PIL.Image.open(f) as img:
-            if img.mode not in ('L', 'RGB'):
-                raise ValueError(f'{self._path}/{fname}: mode {img.mode}, expected L or RGB; '
-                                 f'make the dataset with dataset_tool.py')
-            image = np.asarray(img, dtype=np.uint8)
-        image = image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)  # HW / HWC -> CHW
-        if check and list(image.shape) != self.image_shape:
-            raise ValueError(f'{self._path}/{fname}: shape {list(image.shape)} (CHW) differs from the first '
-                             f'image\'s {self.image_shape}; all images must have the same size and channels')
-        return image
-
     def _load_raw_labels(self):
-        """Labels from dataset.json in image order, or None if there are none."""
+        """Labels from dataset.json in item order, or None if there are none."""
         if 'dataset.json' not in self._all_fnames:
             return None
         where = f'{self._path}/dataset.json'
@@ -250,13 +249,141 @@ class ImageFolderDataset(Dataset):
             labels = {str(k).replace('\\', '/'): v for k, v in entries}
         except (ValueError, TypeError):
             raise ValueError(f'{where}: "labels" must be a list of [name, label] pairs') from None
-        missing = [f for f in self._image_fnames if f not in labels]
+        missing = [f for f in self._item_fnames if f not in labels]
         if missing:
-            raise ValueError(f'{where}: no label for {missing[0]} ({len(missing)} images lack one); '
+            raise ValueError(f'{where}: no label for {missing[0]} ({len(missing)} items lack one); '
                              f'make the dataset again with dataset_tool.py')
-        labels = np.array([labels[f] for f in self._image_fnames])
+        labels = np.array([labels[f] for f in self._item_fnames])
         if labels.ndim == 1 and labels.dtype.kind in 'iu' and labels.min() >= 0:
             return labels.astype(np.int64)
         if labels.ndim == 2 and labels.dtype.kind in 'iuf':
             return labels.astype(np.float32)
         raise ValueError(f'{where}: labels must be class indices >= 0 or equal-length lists of numbers')
+
+
+class ImageFolderDataset(_ArchiveDataset):
+    """Images of a dataset ZIP or folder, sorted by relative path.
+
+    All images must have the same size and channel count (1 or 3); labels come
+    from dataset.json.
+    """
+
+    def __init__(self, path, resolution=None, use_labels=False, xflip=False, max_size=None, random_seed=0,
+                 cache=False, name=None):
+        """path: a .zip or a folder; resolution: if given, the images must be
+        resolution x resolution (ValueError otherwise); name: defaults to the
+        file or folder name without extension."""
+        self._open_archive(path, IMAGE_EXTENSIONS, 'images')
+        first = self._load_raw_image(0, check=False)
+        raw_shape = [len(self._item_fnames)] + list(first.shape)
+        if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
+            raise ValueError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, not {resolution}x{resolution}; '
+                             f'use a dataset of that resolution')
+        super().__init__(name=name or self._default_name(), raw_shape=raw_shape, use_labels=use_labels, xflip=xflip,
+                         max_size=max_size, random_seed=random_seed, cache=cache)
+
+    def _load_raw_image(self, raw_idx, check=True):
+        """Image raw_idx as uint8 [C, H, W]; ValueError if it is not L/RGB or not the dataset's shape."""
+        fname = self._item_fnames[raw_idx]
+        with self._open_file(fname) as f, PIL.Image.open(f) as img:
+            if img.mode not in ('L', 'RGB'):
+                raise ValueError(f'{self._path}/{fname}: mode {img.mode}, expected L or RGB; '
+                                 f'make the dataset with dataset_tool.py')
+            image = np.asarray(img, dtype=np.uint8)
+        image = image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)  # HW / HWC -> CHW
+        if check and list(image.shape) != self.image_shape:
+            raise ValueError(f'{self._path}/{fname}: shape {list(image.shape)} (CHW) differs from the first '
+                             f'image\'s {self.image_shape}; all images must have the same size and channels')
+        return image
+
+
+def is_latent_archive(path):
+    """True when path is a ZIP or folder made by `dataset_tool.py encode` (it holds latents.json)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, LATENT_METADATA))
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return LATENT_METADATA in archive.namelist()
+    return False
+
+
+class LatentDataset(_ArchiveDataset):
+    """VAE latents of an archive made by `dataset_tool.py encode` (see the module docstring).
+
+    Item: (stats float32 [2, C, h, w] = the posterior (mean, std) in latent
+    units, label float32 [label_dim]); training draws the latent
+    scale_factor * (mean + std * eps) from it (training.latents.PreEncodedLatents),
+    with the trainer's per-step seeded generator. x-flipped items (xflip=True)
+    are the statistics of the mirrored image, encoded by dataset_tool, not
+    mirrored latents; they need an archive encoded with --xflip=1.
+
+    resolution, num_channels and image_shape describe a latent [C, h, w];
+    vae, scale_factor and image_resolution (the pixel side R) name the VAE
+    and the images the latents came from.
+    """
+
+    is_latent = True
+
+    def __init__(self, path, resolution=None, use_labels=False, xflip=False, max_size=None, random_seed=0,
+                 cache=False, name=None):
+        """path: a .zip or a folder; resolution: if given, the latents must be
+        resolution x resolution (ValueError otherwise); other arguments as
+        ImageFolderDataset's."""
+        self._open_archive(path, ('.npy',), 'encoded latents (.npy)')
+        meta = self._load_metadata()
+        self.vae = meta['vae']
+        self.scale_factor = float(meta['scale_factor'])
+        self.image_resolution = int(meta['source_resolution'])
+        channels, side = int(meta['latent_channels']), int(meta['latent_resolution'])
+        self._variants = 2 if meta['xflip'] else 1
+        if xflip and not meta['xflip']:
+            raise ValueError(f'{self._path} was encoded without x-flips; encode it again with '
+                             f'dataset_tool.py encode --xflip=1, or train with --xflip=0')
+        if resolution is not None and side != resolution:
+            raise ValueError(f'{self._path}: latents are {side}x{side}, not {resolution}x{resolution}; '
+                             f'use an archive of that resolution')
+        super().__init__(name=name or self._default_name(), raw_shape=[len(self._item_fnames), channels, side, side],
+                         use_labels=use_labels, xflip=xflip, max_size=max_size, random_seed=random_seed, cache=cache)
+
+    def _load_metadata(self):
+        """latents.json as a dict; ValueError when it is missing, of another format or incomplete."""
+        if LATENT_METADATA not in self._all_fnames:
+            raise ValueError(f'{self._path}: no {LATENT_METADATA}, so not an encoded latent archive; make one with '
+                             f'dataset_tool.py encode')
+        with self._open_file(LATENT_METADATA) as f:
+            try:
+                meta = json.load(f)
+            except ValueError as err:
+                raise ValueError(f'{self._path}/{LATENT_METADATA}: not valid JSON ({err}); encode the dataset '
+                                 f'again') from None
+        keys = ('vae', 'scale_factor', 'latent_channels', 'latent_resolution', 'source_resolution', 'xflip')
+        if not isinstance(meta, dict) or meta.get('format') != LATENT_FORMAT or any(k not in meta for k in keys):
+            raise ValueError(f'{self._path}/{LATENT_METADATA}: not a {LATENT_FORMAT} description with '
+                             f'{", ".join(keys)}; encode the dataset again with this version of dataset_tool.py')
+        return meta
+
+    @property
+    def stats_shape(self):
+        """Shape of the stored statistics of one item: [2, C, h, w]."""
+        return [2] + self.image_shape
+
+    def _load_raw_image(self, raw_idx):
+        """Statistics of raw item raw_idx, float32 [V, 2, C, h, w] (V = 2 with x-flips)."""
+        fname = self._item_fnames[raw_idx]
+        with self._open_file(fname) as f:
+            try:
+                stats = np.load(f, allow_pickle=False)
+            except ValueError as err:
+                raise ValueError(f'{self._path}/{fname}: not a readable .npy ({err}); '
+                                 f'encode the dataset again') from None
+        expected = [self._variants] + self.stats_shape
+        if list(stats.shape) != expected or stats.dtype != np.float32:
+            raise ValueError(f'{self._path}/{fname}: {stats.dtype} {list(stats.shape)}, expected float32 {expected} '
+                             f'as latents.json says; encode the dataset again')
+        return stats
+
+    def __getitem__(self, idx):
+        """Return (stats float32 [2, C, h, w] = (mean, std), label float32 [label_dim])."""
+        stats = self._raw_item(idx)[1 if self._xflip[idx] else 0]
+        return stats.copy(), self.get_label(idx)

@@ -393,12 +393,13 @@ def _cached_ref(path_or_url):
     return load_ref(path_or_url)
 
 
-def calc_metric_for_network(metric, net, ref, num=50000, detector=None, batch_size=64, device=None):
+def calc_metric_for_network(metric, net, ref, num=50000, detector=None, batch_size=64, device=None, latent=None):
     """A metric of a network during training: 'fid' of `num` images, seeds 0 .. num - 1.
 
     Each rank generates its share of the images (training.sampling with its
     default sampler). The detector and the reference are loaded once per
-    process. Returns the FID, a float, on every rank.
+    process. `latent`: the snapshot's latent record, to decode latent models'
+    samples to pixels. Returns the FID, a float, on every rank.
     """
     from training import sampling
     if metric != 'fid':
@@ -406,6 +407,7 @@ def calc_metric_for_network(metric, net, ref, num=50000, detector=None, batch_si
     device = dist.get_device() if device is None else torch.device(device)
     mu_ref, sigma_ref = _cached_ref(ref)
     detector = _cached_detector(detector, device)
-    batches = (images for _seeds, images in sampling.generate_images(net, range(num), batch_size, device=device))
+    batches = (images for _seeds, images in sampling.generate_images(net, range(num), batch_size, device=device,
+                                                                                 latent=latent))
     mu, sigma = calculate_stats(batches, detector, num_expected=num, device=device)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)

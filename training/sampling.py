@@ -634,18 +634,23 @@ def _check_labels(label_dim, class_idx, cfg):
 
 
 def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=None, resolution=None,
-                    rank=None, world_size=None, **sampler_kwargs):
+                    rank=None, world_size=None, latent=None, **sampler_kwargs):
     """Sample the images of `seeds` that fall to this rank, batch by batch.
 
     net: a network of any convention, on `device` (default: the network's
     device); batch_size: the most images per batch; class_idx: fixed class
     (None: random per seed, for conditional networks); cfg: guidance
-    weight w (1 = off); resolution: only for networks that do not record it;
-    rank, world_size: default torch_utils.distributed's; sampler_kwargs: see
-    `select_sampler`. Arguments are checked at the call (ValueError).
+    weight w (1 = off); resolution: only for networks that do not record it
+    (for a latent model, the latent resolution); rank, world_size: default
+    torch_utils.distributed's; latent: for a latent model, the metadata
+    {vae, scale_factor, image_resolution (optional)} of its VAE (a
+    snapshot's 'latent' entry; see training.latents.generation_latent):
+    samples are decoded to pixels with that VAE, loaded now; sampler_kwargs:
+    see `select_sampler`. Arguments are checked at the call (ValueError).
 
     Returns an iterator of (batch_seeds list[int], images uint8 [n, C, R, R]
-    on device); image k depends only on seeds[k] and the settings.
+    on device), decoded images [n, 3, R, R] for latent models; image k
+    depends only on seeds[k] and the settings.
     """
     info = network_info(net)
     resolution = sampling_resolution(net, resolution)
@@ -656,17 +661,21 @@ def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=N
     batches = rank_batches(list(seeds), batch_size, rank, world_size)
     device = _module_device(net) if device is None else torch.device(device)
     shape = [info.img_channels, resolution, resolution]
-    return _generate_batches(net, info, batches, shape, class_idx, cfg, device, sampler, sampler_kwargs)
+    decode = to_uint8
+    if latent is not None:
+        from training import latents as latent_space   # diffusers only for latent models
+        decode = latent_space.pixel_decoder(latent, info.img_channels, device)
+    return _generate_batches(net, info, batches, shape, class_idx, cfg, device, sampler, sampler_kwargs, decode)
 
 
-def _generate_batches(net, info, batches, shape, class_idx, cfg, device, sampler, sampler_kwargs):
+def _generate_batches(net, info, batches, shape, class_idx, cfg, device, sampler, sampler_kwargs, decode):
     for batch_seeds in batches:
         rnd = StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([len(batch_seeds), *shape], device=device)
+        noise = rnd.randn([len(batch_seeds), *shape], device=device)
         class_labels = random_class_labels(rnd, info.label_dim, len(batch_seeds), class_idx, device)
         denoise = make_denoiser(net, class_labels, cfg)
-        images = sampler(denoise, latents, rnd.randn_like, **sampler_kwargs)
-        yield batch_seeds, to_uint8(images)
+        samples = sampler(denoise, noise, rnd.randn_like, **sampler_kwargs)
+        yield batch_seeds, decode(samples)
 
 
 # ----------------------------------------------------------------------------
@@ -717,14 +726,15 @@ def save_image_grid(images, path, grid_width=None):
 
 
 def sample_grid(net, path, seeds, batch_size=64, class_idx=None, cfg=1.0, device=None, grid_width=None,
-                **sampler_kwargs):
+                latent=None, **sampler_kwargs):
     """Sample `seeds` in this process alone and write them as one grid PNG at `path`.
 
-    For the training loop's samples-NNNNNN.png (call it on one rank). Returns
-    the images, uint8 [N, C, R, R] on the CPU, in the order of `seeds`.
+    For the training loop's samples-NNNNNN.png (call it on one rank); latent:
+    as generate_images's. Returns the images, uint8 [N, C, R, R] on the CPU,
+    in the order of `seeds`.
     """
     batches = generate_images(net, seeds, batch_size=batch_size, class_idx=class_idx, cfg=cfg, device=device,
-                              rank=0, world_size=1, **sampler_kwargs)
+                              rank=0, world_size=1, latent=latent, **sampler_kwargs)
     images = torch.cat([batch_images.cpu() for _, batch_images in batches])
     save_image_grid(images, path, grid_width)
     return images

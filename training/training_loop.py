@@ -43,7 +43,8 @@ STATE_RE = re.compile(r'^training-state-(\d+)\.pt$')
 def dataset_classes():
     """Explicit registry of dataset classes by the name stored in snapshots."""
     from training import dataset
-    return {'training.dataset.ImageFolderDataset': dataset.ImageFolderDataset}
+    return {'training.dataset.ImageFolderDataset': dataset.ImageFolderDataset,
+            'training.dataset.LatentDataset': dataset.LatentDataset}
 
 
 def build_dataset(dataset_kwargs):
@@ -83,11 +84,23 @@ def step_seed(seed, rank, step):
 # Files.
 
 def find_latest_state(run_dir):
-    """Path of the newest training-state-*.pt in run_dir, or None."""
+    """Path of the newest readable training-state-*.pt in run_dir, or None.
+
+    A state that cannot be read (truncated by something outside this code:
+    our own writes are atomic) is skipped for the previous one, with a note.
+    """
     if not os.path.isdir(run_dir):
         return None
     states = sorted((int(m.group(1)), name) for name in os.listdir(run_dir) if (m := STATE_RE.match(name)))
-    return os.path.join(run_dir, states[-1][1]) if states else None
+    for _, name in reversed(states):
+        path = os.path.join(run_dir, name)
+        try:
+            load_state(path)
+        except ValueError as err:
+            print(f'Skipping unreadable training state: {err}')
+            continue
+        return path
+    return None
 
 
 def save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, extra=None):
@@ -99,14 +112,13 @@ def save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, extra=None):
         pickle.dump(data, f)
 
 
-def save_state(path, net, ema, optimizer, step, cur_tick, consumed, seed):
+def save_state(path, trainer, cur_tick):
     """Write a training state of plain tensors (loadable with weights_only=True).
 
     No RNG state is needed: every random draw of step k is seeded by
     (seed, rank, k), and `consumed` positions the data sampler.
     """
-    state = dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                 step=step, cur_tick=cur_tick, consumed=consumed, seed=seed, format='patch-diffusion-state-v1')
+    state = dict(trainer.state_dict(), cur_tick=cur_tick, format='patch-diffusion-state-v1')
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -168,200 +180,247 @@ def _tensorboard_writer(run_dir):
     return SummaryWriter(run_dir)
 
 
+class Trainer:
+    """Everything a training step needs, and the step itself.
+
+    Built from the resolved options; `step()` runs one optimizer step (all
+    accumulation rounds) and returns its patch size. The training loop, the
+    tests and benchmarks/bench_train.py all drive this same code path.
+    """
+
+    def __init__(self, dataset_kwargs=None, data_loader_kwargs=None, network_kwargs=None, loss_kwargs=None,
+                 optimizer_kwargs=None, augment_kwargs=None, patch_kwargs=None, seed=0, batch_size=512,
+                 batch_gpu=None, total_kimg=200000, ema_halflife_kimg=500, ema_rampup_ratio=0.05,
+                 lr_rampup_kimg=10000, loss_scaling=1, precision='fp32', device=torch.device('cpu'),
+                 latent_kwargs=None, dataset=None):
+        self.device = device = torch.device(device)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self.seed, self.rank = seed, rank
+        patch_kwargs = dict(patch_kwargs or {})
+        optimizer_kwargs = dict(optimizer_kwargs or dict(lr=10e-4, betas=(0.9, 0.999), eps=1e-8))
+
+        # Batch geometry: each rank runs num_rounds rounds of batch_gpu full images (x m for patches).
+        if batch_size % world:
+            raise ValueError(f'--batch={batch_size} is not divisible by the number of processes ({world})')
+        self.batch_gpu_total = batch_size // world
+        self.batch_gpu = min(batch_gpu or self.batch_gpu_total, self.batch_gpu_total)
+        if self.batch_gpu_total % self.batch_gpu:
+            raise ValueError(f'The batch per process ({self.batch_gpu_total}) is not divisible by '
+                             f'--batch-gpu={self.batch_gpu}')
+        self.num_rounds = self.batch_gpu_total // self.batch_gpu
+
+        self.dataset = dataset if dataset is not None else build_dataset(dataset_kwargs)
+        # Latent space: a pre-encoded archive, or raw images encoded on the fly (SPEC section 2).
+        from training import latents
+        self.encoder = latents.latent_encoder(self.dataset, patch_kwargs.get('latent', False), device=device,
+                                              **(latent_kwargs or {}))
+        if self.encoder is not None:
+            resolution, channels = self.encoder.info.latent_resolution, self.encoder.info.latent_channels
+            if augment_kwargs:
+                raise ValueError('Augmentation (--augment) works on pixels; use --augment=0 in latent space')
+        else:
+            resolution, channels = self.dataset.resolution, self.dataset.num_channels
+        self.schedule = patching.PatchSchedule(resolution, patch_kwargs.get('real_p', 1.0),
+                                               latent=self.encoder is not None,
+                                               progressive=patch_kwargs.get('progressive', False), seed=seed)
+        self.nimg_per_step = batch_size * self.schedule.expected_multiplier   # image accounting, SPEC section 2
+        self.total_nimg = max(int(total_kimg * 1000), 1)
+
+        torch.manual_seed(seed)   # the same initial weights on every rank and in every run with this seed
+        self.net = build_network(network_kwargs, resolution, channels, self.dataset.label_dim)
+        self.net.train().requires_grad_(True).to(device)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.loss_fn = build_loss(loss_kwargs)
+        self.augment_pipe = build_augment_pipe(augment_kwargs)
+        fused = device.type == 'cuda'
+        self.optimizer = torch.optim.Adam(self.net.parameters(), fused=fused, foreach=None if fused else True,
+                                          **optimizer_kwargs)
+        self.base_lr = optimizer_kwargs['lr']
+        self.ema_halflife_kimg, self.ema_rampup_ratio = ema_halflife_kimg, ema_rampup_ratio
+        self.lr_rampup_kimg, self.loss_scaling = lr_rampup_kimg, loss_scaling
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
+        self.ddp = self.net
+        if world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
+        self.data_loader_kwargs = data_loader_kwargs or dict(num_workers=0)
+        self.step_count = 0
+        self.bad_steps = 0
+        self.last_bad_step = None   # 0-based index of the newest step with non-finite gradients
+        self.batches = None
+
+    def nimg_at(self, step):
+        """Images counted after `step` steps: step * batch * E[m]."""
+        return int(round(step * self.nimg_per_step))
+
+    @property
+    def cur_nimg(self):
+        return self.nimg_at(self.step_count)
+
+    def start_data(self, consumed=0):
+        """(Re)start the data stream after `consumed` images of this rank."""
+        self.batches = _Batches(self.dataset, self.batch_gpu, self.seed, consumed, self.data_loader_kwargs)
+
+    def state_dict(self):
+        return dict(net=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
+                    step=self.step_count, consumed=self.batches.consumed if self.batches else 0, seed=self.seed)
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state['net'])
+        self.ema.load_state_dict(state['ema'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.step_count = int(state['step'])
+        self.start_data(int(state['consumed']))
+
+    def step(self):
+        """One optimizer step. Returns the patch size it used."""
+        if self.batches is None:
+            self.start_data()
+        step, device = self.step_count, self.device
+        torch.manual_seed(step_seed(self.seed, self.rank, step))
+        corner_gen = torch.Generator().manual_seed(step_seed(self.seed + 1, self.rank, step))
+        P = self.schedule.draw(step, self.cur_nimg / self.total_nimg)   # the same on every rank
+        m = self.schedule.multiplier(P)
+        self.optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(self.num_rounds):
+            with misc.ddp_sync(self.ddp, round_idx == self.num_rounds - 1):
+                images, labels = self.batches.take(m)
+                images = images.to(device, non_blocking=True)
+                if self.encoder is not None:
+                    images = self.encoder(images)      # scaled latents, drawn with the step's seed
+                else:
+                    images = images.to(torch.float32) / 127.5 - 1
+                labels = labels.to(device, non_blocking=True)
+                augment_labels = None
+                if self.augment_pipe is not None:
+                    images, augment_labels = self.augment_pipe(images)   # full images, before cropping
+                y, pos = patching.random_patches(images, P, corner_gen)
+                with torch.autocast(**self.autocast):
+                    loss = self.loss_fn(net=self.ddp, y=y, pos=pos if self.net.use_pos else None, labels=labels,
+                                        augment_labels=augment_labels)
+                training_stats.report('Loss/loss', loss)
+                # Mean over the m * batch images of each image's summed pixel loss.
+                loss.sum().mul(self.loss_scaling / (self.batch_gpu_total * m)).backward()
+
+        # Non-finite gradients skip the update (counted, never zeroed).
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads and bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            lr = self.base_lr
+            if self.lr_rampup_kimg:
+                lr *= min(self.nimg_at(step) / (self.lr_rampup_kimg * 1000), 1)
+            for group in self.optimizer.param_groups:
+                group['lr'] = lr
+            if self.loss_scaling != 1:
+                torch._foreach_div_(grads, self.loss_scaling)
+            self.optimizer.step()
+        else:
+            self.bad_steps += 1
+            self.last_bad_step = step
+        self.step_count += 1
+
+        # EMA with a half-life in images and ramp-up.
+        halflife_nimg = self.ema_halflife_kimg * 1000
+        if self.ema_rampup_ratio is not None:
+            halflife_nimg = min(halflife_nimg, self.cur_nimg * self.ema_rampup_ratio)
+        ema_beta = 0.5 ** (self.nimg_per_step / max(halflife_nimg, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - ema_beta)
+            for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
+                b_ema.copy_(b_net)
+        return P
+
+
 def training_loop(
     run_dir='.',
-    dataset_kwargs=None,         # dataset options (class_name, path, use_labels, xflip, ...)
-    data_loader_kwargs=None,     # torch DataLoader options
-    network_kwargs=None,         # precond + network options
-    loss_kwargs=None,            # loss + options
-    optimizer_kwargs=None,       # lr, betas, eps
-    augment_kwargs=None,         # AugmentPipe options, None = off
-    patch_kwargs=None,           # real_p, progressive, latent
-    seed=0,
-    batch_size=512,              # total batch of full images per step, over all ranks
-    batch_gpu=None,              # limit of full images per rank and round (None = no limit)
-    total_kimg=200000,
-    ema_halflife_kimg=500,
-    ema_rampup_ratio=0.05,       # None = no ramp-up
-    lr_rampup_kimg=10000,
-    loss_scaling=1,
     kimg_per_tick=50,
     snapshot_ticks=50,           # None = no snapshots
     state_dump_ticks=500,        # None = no training states
     transfer_pkl=None,           # copy weights by name from this network pickle
     resume_state=None,           # training-state-*.pt to resume from
     cudnn_benchmark=True,
-    precision='fp32',            # 'fp32' or 'bf16' (autocast); fp16 is the network's use_fp16
-    max_bad_steps=20,            # non-finite steps tolerated before stopping
+    max_bad_steps=20,            # steps with non-finite gradients tolerated before stopping
     sample_count=16,             # images in samples-NNNNNN.png at each snapshot (0 = none)
     metrics=(),                  # e.g. ('fid',)
     metric_kwargs=None,          # ref, num, detector for the metrics
     device=torch.device('cpu'),
     tensorboard=True,
+    **trainer_kwargs,            # see Trainer
 ):
     """Train; write snapshots, states and logs to `run_dir`. Returns the EMA network."""
     start_time = time.time()
     device = torch.device(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    dataset_kwargs = dict(dataset_kwargs or {})
-    patch_kwargs = dict(patch_kwargs or {})
-    optimizer_kwargs = dict(optimizer_kwargs or dict(lr=10e-4, betas=(0.9, 0.999), eps=1e-8))
 
-    # Batch geometry.
-    if batch_size % world:
-        raise ValueError(f'--batch={batch_size} is not divisible by the number of processes ({world})')
-    batch_gpu_total = batch_size // world
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    if batch_gpu_total % batch_gpu:
-        raise ValueError(f'The batch per process ({batch_gpu_total}) is not divisible by --batch-gpu={batch_gpu}')
-    num_rounds = batch_gpu_total // batch_gpu
-
-    # Data, network, loss, patches.
-    dist.print0('Loading dataset...')
-    dataset = build_dataset(dataset_kwargs)
-    resolution = dataset.resolution
-    schedule = patching.PatchSchedule(resolution, patch_kwargs.get('real_p', 1.0),
-                                      latent=patch_kwargs.get('latent', False),
-                                      progressive=patch_kwargs.get('progressive', False), seed=seed)
-    nimg_per_step = batch_size * schedule.expected_multiplier
-    dist.print0(f'Patch sizes: {schedule.describe()}; images per step {nimg_per_step:g}')
-
-    dist.print0('Constructing network...')
-    net = build_network(network_kwargs, resolution, dataset.num_channels, dataset.label_dim)
-    net.train().requires_grad_(True).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn = build_loss(loss_kwargs)
-    augment_pipe = build_augment_pipe(augment_kwargs)
-    fused = device.type == 'cuda'
-    optimizer = torch.optim.Adam(net.parameters(), fused=fused, foreach=None if fused else True, **optimizer_kwargs)
-    base_lr = optimizer_kwargs['lr']
-
-    # Transfer or resume.
-    step, cur_tick, consumed = 0, 0, 0
+    dist.print0('Loading dataset and constructing network...')
+    trainer = Trainer(device=device, **trainer_kwargs)
+    dist.print0(f'Patch sizes: {trainer.schedule.describe()}; images counted per step {trainer.nimg_per_step:g}')
+    cur_tick = 0
     if transfer_pkl is not None:
-        copied, missing = transfer_weights(transfer_pkl, net)
-        misc.copy_params_and_buffers(net, ema)
+        copied, missing = transfer_weights(transfer_pkl, trainer.net)
+        misc.copy_params_and_buffers(trainer.net, trainer.ema)
         dist.print0(f'Transferred {len(copied)} tensors from "{transfer_pkl}"'
                     + (f'; {len(missing)} not in the source kept their initialisation' if missing else ''))
     if resume_state is not None:
         dist.print0(f'Resuming from "{resume_state}"...')
         state = load_state(resume_state)
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        step, cur_tick, consumed = int(state['step']), int(state['cur_tick']), int(state['consumed'])
+        trainer.load_state_dict(state)
+        cur_tick = int(state['cur_tick'])
         del state
-
-    ddp = net
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
-
-    # How far each step has gone: deterministic in the step count.
-    def nimg_at(k):
-        return int(round(k * nimg_per_step))
-
-    total_nimg = max(int(total_kimg * 1000), 1)
-    batches = _Batches(dataset, batch_gpu, seed, consumed, data_loader_kwargs or dict(num_workers=0))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
+    else:
+        trainer.start_data()
 
     # Logs.
     stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
     writer = _tensorboard_writer(run_dir) if (rank == 0 and tensorboard) else None
     collector = training_stats.Collector(regex='.*', device=device)
-    cur_nimg = nimg_at(step)
-    tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    tick_start_nimg, tick_start_time = trainer.cur_nimg, time.time()
     maintenance_time = tick_start_time - start_time
-    bad_steps_total = 0
     patch_counts = {}
-    dist.print0(f'Training for {total_kimg:g} kimg...')
+    dist.print0(f'Training for {trainer.total_nimg / 1000:g} kimg...')
     dist.print0()
 
     while True:
-        done = cur_nimg >= total_nimg
+        done = trainer.cur_nimg >= trainer.total_nimg
         if not done:
-            # One training step.
-            torch.manual_seed(step_seed(seed, rank, step))
-            corner_gen = torch.Generator().manual_seed(step_seed(seed + 1, rank, step))
-            P = schedule.draw(step, cur_nimg / total_nimg)
-            m = schedule.multiplier(P)
+            P = trainer.step()
             patch_counts[P] = patch_counts.get(P, 0) + 1
-            optimizer.zero_grad(set_to_none=True)
-            for round_idx in range(num_rounds):
-                with misc.ddp_sync(ddp, round_idx == num_rounds - 1):
-                    images, labels = batches.take(m)
-                    images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
-                    labels = labels.to(device, non_blocking=True)
-                    augment_labels = None
-                    if augment_pipe is not None:
-                        images, augment_labels = augment_pipe(images)
-                    y, pos = patching.random_patches(images, P, corner_gen)
-                    with autocast:
-                        loss = loss_fn(net=ddp, y=y, pos=pos if net.use_pos else None, labels=labels,
-                                       augment_labels=augment_labels)
-                    training_stats.report('Loss/loss', loss)
-                    loss.sum().mul(loss_scaling / (batch_gpu_total * m)).backward()
-
-            # Skip the update on non-finite gradients; the count is checked at the tick.
-            grads = [p.grad for p in net.parameters() if p.grad is not None]
-            finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True)
-            if bool(finite):
-                lr = base_lr * min(nimg_at(step) / max(lr_rampup_kimg * 1000, 1e-8), 1) if lr_rampup_kimg else base_lr
-                for group in optimizer.param_groups:
-                    group['lr'] = lr
-                if loss_scaling != 1:
-                    torch._foreach_div_(grads, loss_scaling)
-                optimizer.step()
-            else:
-                bad_steps_total += 1
-                training_stats.report('Progress/bad_steps', 1)
-
-            # EMA by half-life in images, with ramp-up.
-            step += 1
-            cur_nimg = nimg_at(step)
-            halflife_nimg = ema_halflife_kimg * 1000
-            if ema_rampup_ratio is not None:
-                halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
-            ema_beta = 0.5 ** (nimg_per_step / max(halflife_nimg, 1e-8))
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
-                for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-                    b_ema.copy_(b_net)
-            done = cur_nimg >= total_nimg
-
-        # Tick boundary?
+            done = trainer.cur_nimg >= trainer.total_nimg
+        cur_nimg = trainer.cur_nimg
         if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
             continue
+
+        # Tick: statistics, console line, logs.
         tick_end_time = time.time()
-        bad_tensor = dist.all_reduce_sum(torch.tensor([float(bad_steps_total)], device=device))
+        bad_steps = int(dist.all_reduce_sum(torch.tensor([float(trainer.bad_steps)], device=device)).item())
         training_stats.report0('Progress/tick', cur_tick)
         training_stats.report0('Progress/kimg', cur_nimg / 1e3)
+        training_stats.report0('Progress/bad_steps', bad_steps)
         training_stats.report0('Timing/total_sec', tick_end_time - start_time)
         training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time)
         training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3)
         training_stats.report0('Timing/maintenance_sec', maintenance_time)
-        training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
+        cpu_mem_gb = psutil.Process(os.getpid()).memory_info().rss / 2**30
+        training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
         if device.type == 'cuda':
             training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
             torch.cuda.reset_peak_memory_stats()
+        for P in trainer.schedule.sizes:
+            training_stats.report0(f'Patches/steps_{P}px', patch_counts.get(P, 0))
         collector.update()
         stats = collector.as_dict()
-        mix = ' '.join(f'{p}px:{c}' for p, c in sorted(patch_counts.items()))
         fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.3f}', f'loss {collector.mean("Loss/loss"):<8.4f}',
-                  f'time {dnnlib.util.format_time(tick_end_time - start_time):<12s}',
+                  f'time {dnnlib.util.format_time(tick_end_time - start_time):<9s}',
                   f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
-                  f'sec/kimg {stats["Timing/sec_per_kimg"]["mean"] if "Timing/sec_per_kimg" in stats else float("nan"):<7.2f}',
-                  f'maintenance {maintenance_time:<6.1f}',
-                  f'cpumem {psutil.Process(os.getpid()).memory_info().rss / 2**30:<6.2f}']
+                  f'sec/kimg {collector.mean("Timing/sec_per_kimg"):<8.2f}',
+                  f'maintenance {maintenance_time:<6.1f}', f'cpumem {cpu_mem_gb:<6.2f}']
         if device.type == 'cuda':
-            fields.append(f'gpumem {stats.get("Resources/peak_gpu_mem_gb", {}).get("mean", 0):<6.2f}')
-        fields.append(f'patches {mix}')
-        if bad_tensor.item() > 0:
-            fields.append(f'bad_steps {int(bad_tensor.item())}')
+            fields.append(f'gpumem {collector.mean("Resources/peak_gpu_mem_gb"):<6.2f}')
+        fields.append('patches ' + ' '.join(f'{P}:{patch_counts.get(P, 0)}' for P in trainer.schedule.sizes))
+        if bad_steps:
+            fields.append(f'bad_steps {bad_steps}')
         dist.print0('  '.join(fields))
         patch_counts = {}
         if stats_jsonl is not None:
@@ -369,30 +428,32 @@ def training_loop(
             stats_jsonl.flush()
         if writer is not None:
             for name, value in stats.items():
-                writer.add_scalar(name, value['mean'], global_step=cur_nimg // 1000 if cur_nimg >= 1000 else 0)
+                writer.add_scalar(name, value['mean'], global_step=int(cur_nimg / 1e3))
             writer.flush()
-        if bad_tensor.item() > max_bad_steps:
+        if bad_steps > max_bad_steps:
             raise FloatingPointError(
-                f'{int(bad_tensor.item())} training steps had non-finite gradients (limit {max_bad_steps}) by '
-                f'step {step}, tick {cur_tick}. The last training state in {run_dir} is good: lower --lr, '
-                f'use --ls for fp16, or resume from it with --resume')
+                f'{bad_steps} training steps had non-finite gradients (limit --max-bad-steps={max_bad_steps}), '
+                f'the last at step {trainer.last_bad_step}, tick {cur_tick}. The newest training state in {run_dir} '
+                f'is from before: lower --lr, use --ls with --fp16, and resume from it')
 
-        # Snapshots and states.
+        # Snapshots, sample grids, metrics, training states.
         kimg_tag = f'{cur_nimg // 1000:06d}'
+        latent = dict(trainer.encoder.info) if trainer.encoder is not None else None   # plain data, never the VAE
         if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
             if rank == 0:
-                snap_path = os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl')
-                save_snapshot(snap_path, ema, loss_fn, augment_pipe, dataset_kwargs,
-                              extra=dict(patch_kwargs=dict(patch_kwargs)))
+                save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), trainer.ema,
+                              trainer.loss_fn, trainer.augment_pipe, trainer_kwargs.get('dataset_kwargs') or {},
+                              extra=dict(patch_kwargs=dict(trainer_kwargs.get('patch_kwargs') or {}),
+                                         **({'latent': latent} if latent else {})))
                 if sample_count:
-                    _write_samples(ema, os.path.join(run_dir, f'samples-{kimg_tag}.png'), sample_count, device)
+                    _write_samples(trainer.ema, os.path.join(run_dir, f'samples-{kimg_tag}.png'), sample_count,
+                                   device, latent)
             if metrics:
-                _run_metrics(ema, metrics, metric_kwargs or {}, run_dir, kimg_tag, device)
+                _run_metrics(trainer.ema, metrics, dict(metric_kwargs or {}, latent=latent), run_dir, kimg_tag, device)
             dist.barrier()
-        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and step > 0:
+        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and trainer.step_count > 0:
             if rank == 0:
-                save_state(os.path.join(run_dir, f'training-state-{kimg_tag}.pt'), net, ema, optimizer, step,
-                           cur_tick + 1, batches.consumed, seed)
+                save_state(os.path.join(run_dir, f'training-state-{kimg_tag}.pt'), trainer, cur_tick + 1)
             dist.barrier()
 
         cur_tick += 1
@@ -407,12 +468,12 @@ def training_loop(
         writer.close()
     dist.print0()
     dist.print0('Exiting...')
-    return ema
+    return trainer.ema
 
 
-def _write_samples(ema, path, count, device):
+def _write_samples(ema, path, count, device, latent=None):
     from training import sampling
-    sampling.sample_grid(ema, path, seeds=list(range(count)), device=device)
+    sampling.sample_grid(ema, path, seeds=list(range(count)), device=device, latent=latent)
 
 
 def _run_metrics(ema, metrics, metric_kwargs, run_dir, kimg_tag, device):

@@ -1,0 +1,267 @@
+"""Latent space (SPEC.md section 2, --train_on_latents): the VAE that maps
+images to latents and back, and how training turns dataset batches into
+latents.
+
+The network models scale_factor * z, where z ~ N(mean, std^2) is a draw from
+the VAE posterior of an image (diffusers' AutoencoderKL; the official Patch
+Diffusion code uses stabilityai/sd-vae-ft-ema with scale factor 0.18215).
+A VAE with k encoder blocks downsamples by f = 2^(k - 1): 8 for the Stable
+Diffusion VAE, so 256x256 images become 4 x 32 x 32 latents.
+
+Training gets latents in one of two ways, both behind `latent_encoder`:
+
+    pre-encoded archive (dataset_tool.py encode, training.dataset.LatentDataset):
+        batches of posterior statistics [N, 2, C, h, w] = (mean, std)
+        -> PreEncodedLatents draws z (fast: no VAE in training)
+    raw image archive (training.dataset.ImageFolderDataset):
+        batches of uint8 images [N, 3, H, W]
+        -> OnlineEncoder runs the VAE encoder on every batch, then draws z
+
+Both draw eps ~ N(0, I) from torch's global generator on the batch's
+device; the trainer seeds it at every step with (seed, rank, step), so a
+step's latents are the same in a resumed run and do not depend on
+DataLoader workers. diffusers is imported only when a VAE is loaded.
+"""
+
+import functools
+import os
+import re
+
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training.sampling import to_uint8
+
+DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'   # the official Patch Diffusion code's VAE
+DEFAULT_SCALE_FACTOR = 0.18215              # Stable Diffusion's latent scale factor
+INSTALL_HINT = 'pip install -e ".[latent]"'
+
+_HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')
+
+# ----------------------------------------------------------------------------
+# The VAE.
+
+
+def _autoencoder_class():
+    """diffusers.AutoencoderKL; ValueError saying how to install diffusers when it is missing."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as err:
+        raise ValueError(f'Latent diffusion needs the diffusers package ({err}); install it with: '
+                         f'{INSTALL_HINT}') from None
+    return AutoencoderKL
+
+
+def _check_vae_location(id_or_dir):
+    """Raise ValueError unless id_or_dir is an existing folder or looks like a hub id 'owner/name'."""
+    if os.path.isdir(id_or_dir):
+        return
+    fix = (f'give a folder written by AutoencoderKL.save_pretrained or a Hugging Face hub id such as '
+           f'{DEFAULT_VAE}')
+    if os.path.exists(id_or_dir):
+        raise ValueError(f'VAE {id_or_dir} is a file, not a VAE folder; {fix}')
+    if not _HUB_ID.fullmatch(id_or_dir):
+        raise ValueError(f'VAE folder {id_or_dir} does not exist; {fix}')
+
+
+@functools.lru_cache(maxsize=4)
+def _load_vae(id_or_dir, device):
+    _check_vae_location(id_or_dir)
+    autoencoder_class = _autoencoder_class()
+    where = 'folder' if os.path.isdir(id_or_dir) else 'hub id'
+    try:
+        vae = autoencoder_class.from_pretrained(id_or_dir, low_cpu_mem_usage=False)
+    except Exception as err:   # whatever diffusers or the hub client raise for a bad folder or id
+        fix = ('check the folder' if where == 'folder' else
+               'check the id and the connection to the Hugging Face hub, or give a save_pretrained folder')
+        raise ValueError(' '.join(f'Cannot load the VAE from {where} {id_or_dir} ({type(err).__name__}: {err}); '
+                                  f'{fix}'.split())) from err
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def load_vae(id_or_dir=DEFAULT_VAE, device='cpu'):
+    """The diffusers AutoencoderKL at a hub id or in a local folder (written by
+    save_pretrained), in eval mode without gradients, on `device`.
+
+    Loaded once per process and device; callers share the object, so they
+    must not change it. ValueError (one line, saying what to do) for a
+    missing diffusers, a missing folder or a VAE that cannot be loaded.
+    """
+    return _load_vae(os.fspath(id_or_dir), str(torch.device(device)))
+
+
+def downsampling_factor(vae):
+    """f = H / h of the VAE: 2^(encoder blocks - 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _vae_device(vae):
+    return next(vae.parameters()).device
+
+
+def _check_images(vae, images):
+    """Raise ValueError unless images are uint8 [N, in_channels, H, W] with H, W divisible by f."""
+    channels, factor = vae.config.in_channels, downsampling_factor(vae)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != channels:
+        raise ValueError(f'The VAE encodes uint8 images [N, {channels}, H, W]; got {images.dtype} '
+                         f'{list(images.shape)}')
+    if images.shape[2] % factor or images.shape[3] % factor:
+        raise ValueError(f'The VAE downsamples by {factor}: image sizes must be multiples of {factor}, '
+                         f'not {images.shape[3]}x{images.shape[2]}')
+
+
+def encode_images(vae, images):
+    """uint8 images [N, 3, H, W] in [0, 255] -> the posterior (mean, std), each
+    float32 [N, C, H/f, W/f] in latent units (before the scale factor), on
+    the VAE's device. The VAE sees the images mapped to [-1, 1]."""
+    _check_images(vae, images)
+    x = images.to(_vae_device(vae), torch.float32) / 127.5 - 1
+    with torch.no_grad():
+        posterior = vae.encode(x.to(vae.dtype)).latent_dist
+    return posterior.mean.to(torch.float32), posterior.std.to(torch.float32)
+
+
+def draw_latents(mean, std, scale_factor, generator=None):
+    """scale_factor * (mean + std * eps), eps ~ N(0, I): one posterior draw in
+    the units the network models. mean, std: [N, C, h, w]; generator: None
+    for torch's global generator of mean's device."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    return scale_factor * (mean + std * eps)
+
+
+def decode_latents(vae, latents, scale_factor):
+    """Latents [N, C, h, w] in network units (scaled) -> uint8 images
+    [N, 3, h f, w f] on the VAE's device, rounded as sampling.to_uint8."""
+    z = latents.to(_vae_device(vae), vae.dtype) / scale_factor
+    with torch.no_grad():
+        images = vae.decode(z).sample
+    return to_uint8(images.to(torch.float32))
+
+
+# ----------------------------------------------------------------------------
+# Latent metadata: what a snapshot records under 'latent'.
+
+
+def latent_info(vae, scale_factor, image_resolution, latent_channels, latent_resolution):
+    """EasyDict(vae: hub id or folder, scale_factor, image_resolution: pixel
+    side R, latent_channels: C, latent_resolution: R / f) of a latent model;
+    training stores it as dict(...) under the snapshot key 'latent'."""
+    return dnnlib.EasyDict(vae=str(vae), scale_factor=float(scale_factor), image_resolution=int(image_resolution),
+                           latent_channels=int(latent_channels), latent_resolution=int(latent_resolution))
+
+
+def generation_latent(recorded=None, on_latents=None, vae=None, scale_factor=None):
+    """The latent metadata to decode with at generation, or None for a pixel model.
+
+    recorded: the snapshot's 'latent' entry (None for pixel models and for
+    official latent pickles, which record nothing); on_latents: None = as
+    recorded, True = a latent model (needed for official pickles), False = a
+    pixel model; vae, scale_factor: override the recorded ones (defaults
+    DEFAULT_VAE, DEFAULT_SCALE_FACTOR when nothing is recorded). ValueError
+    for contradicting settings.
+    """
+    if on_latents is False and recorded is not None:
+        raise ValueError(f'This network was trained on latents of the VAE {recorded["vae"]}; its samples must be '
+                         f'decoded, so leave --on_latents out')
+    if recorded is None and not on_latents:
+        if vae is not None or scale_factor is not None:
+            raise ValueError('--vae and --scale_factor apply to latent models only; add --on_latents=1 if this '
+                             'network was trained on latents')
+        return None
+    latent = dnnlib.EasyDict(recorded or dict(vae=DEFAULT_VAE, scale_factor=DEFAULT_SCALE_FACTOR))
+    if vae is not None:
+        latent.vae = os.fspath(vae)
+    if scale_factor is not None:
+        latent.scale_factor = float(scale_factor)
+    return latent
+
+
+def pixel_decoder(latent, img_channels, device):
+    """decode(latents float [N, C, h, w]) -> uint8 images [N, 3, H, W] for a
+    latent model with metadata `latent` (see `generation_latent`) whose
+    network makes `img_channels`-channel samples. Loads the VAE now, so a
+    bad setting fails here; ValueError when the VAE does not fit the network
+    or, at decoding, the images do not have the recorded resolution."""
+    vae = load_vae(latent['vae'], device)
+    if img_channels != vae.config.latent_channels:
+        raise ValueError(f'The network makes {img_channels}-channel samples, but the VAE {latent["vae"]} decodes '
+                         f'{vae.config.latent_channels}-channel latents; is this a latent model, and the VAE '
+                         f'it was trained with?')
+    expected = latent.get('image_resolution')
+
+    def decode(latents):
+        images = decode_latents(vae, latents, latent['scale_factor'])
+        if expected is not None and images.shape[-1] != expected:
+            raise ValueError(f'The VAE {latent["vae"]} decodes {images.shape[-1]}x{images.shape[-2]} images, but '
+                             f'the network was trained on {expected}x{expected} images; give its VAE with --vae')
+        return images
+    return decode
+
+
+# ----------------------------------------------------------------------------
+# Training batches -> latents.
+
+
+class PreEncodedLatents:
+    """Latents from a pre-encoded archive (training.dataset.LatentDataset).
+
+    __call__(stats [N, 2, C, h, w] float32 = (mean, std), on the device)
+    -> scaled latents [N, C, h, w]; `info` is the `latent_info`.
+    """
+
+    def __init__(self, dataset):
+        self.info = latent_info(dataset.vae, dataset.scale_factor, dataset.image_resolution, dataset.num_channels,
+                                dataset.resolution)
+
+    def __call__(self, stats):
+        return draw_latents(stats[:, 0], stats[:, 1], self.info.scale_factor)
+
+
+class OnlineEncoder:
+    """Latents of a raw image dataset, encoding every batch with the VAE.
+
+    Slower than pre-encoding the archive once with dataset_tool.py encode,
+    and says so on the console. __call__(images uint8 [N, 3, H, W] on the
+    device) -> scaled latents [N, C, H/f, W/f]; `info` is the `latent_info`.
+    """
+
+    def __init__(self, dataset, vae=DEFAULT_VAE, scale_factor=DEFAULT_SCALE_FACTOR, device='cpu'):
+        self.vae = load_vae(vae, device)
+        factor, channels = downsampling_factor(self.vae), self.vae.config.in_channels
+        if dataset.num_channels != channels:
+            raise ValueError(f'The VAE {vae} encodes {channels}-channel images, but the dataset has '
+                             f'{dataset.num_channels}; use an RGB dataset')
+        if dataset.resolution % factor:
+            raise ValueError(f'The VAE {vae} downsamples by {factor}, which does not divide the dataset\'s '
+                             f'resolution {dataset.resolution}; use a dataset of a multiple of {factor}')
+        self.info = latent_info(vae, scale_factor, dataset.resolution, self.vae.config.latent_channels,
+                                dataset.resolution // factor)
+        dist.print0(f'Note: encoding every training batch with the VAE {vae}. Encoding the dataset once is faster: '
+                    f'python dataset_tool.py encode --source=DATASET --dest=LATENTS.zip --vae={vae}, '
+                    f'then train with --data=LATENTS.zip')
+
+    def __call__(self, images):
+        mean, std = encode_images(self.vae, images)
+        return draw_latents(mean, std, self.info.scale_factor)
+
+
+def latent_encoder(dataset, train_on_latents=False, vae=None, scale_factor=None, device='cpu'):
+    """How training turns `dataset` batches into network inputs in latent space.
+
+    PreEncodedLatents for a pre-encoded dataset (dataset.is_latent; vae and
+    scale_factor, if given, must match the archive's), OnlineEncoder for a
+    raw image dataset with train_on_latents (vae, scale_factor default
+    DEFAULT_VAE, DEFAULT_SCALE_FACTOR), None for pixel-space training.
+    The network is then built for info.latent_resolution, info.latent_channels.
+    """
+    if getattr(dataset, 'is_latent', False):   # any map-style dataset of images counts as pixels
+        for name, value in (('vae', vae), ('scale_factor', scale_factor)):
+            if value is not None and value != getattr(dataset, name):
+                raise ValueError(f'--{name}={value} contradicts the dataset, which was encoded with '
+                                 f'{name}={getattr(dataset, name)}; leave --{name} out')
+        return PreEncodedLatents(dataset)
+    if not train_on_latents:
+        return None
+    return OnlineEncoder(dataset, DEFAULT_VAE if vae is None else vae,
+                         DEFAULT_SCALE_FACTOR if scale_factor is None else scale_factor, device)
