@@ -122,7 +122,9 @@ def _comparable(c):
 
 def find_resumable_run(outdir, c, seed_given, nosubdir):
     """(run_dir, state_path, seed) of the latest run in outdir with the same
-    options and a training state, or None."""
+    options, or None. state_path is None when that run has no training state
+    yet (it was stopped before its first one): it restarts in the same folder
+    with the same seed."""
     if not os.path.isdir(outdir):
         return None
     candidates = [outdir] if nosubdir else sorted(
@@ -138,9 +140,8 @@ def find_resumable_run(outdir, c, seed_given, nosubdir):
         if not seed_given:
             mine.pop('seed', None)
             theirs.pop('seed', None)
-        state = find_latest_state(run_dir)
-        if mine == theirs and state is not None:
-            return run_dir, state, old.get('seed')
+        if mine == theirs:
+            return run_dir, find_latest_state(run_dir), old.get('seed')
     return None
 
 
@@ -230,8 +231,6 @@ def main(**kwargs):
                                      use_labels=opts.cond, max_size=opts.max_size, xflip=opts.xflip, cache=False))
     except (OSError, ValueError) as err:
         raise click.ClickException(f'--data={opts.data}: {err}') from None
-    if opts.cond and not dataset.has_labels:
-        raise click.ClickException(f'--cond=1 needs class labels, but {opts.data} has none (no labels in its dataset.json)')
     try:
         if dataset.is_latent and (opts.vae or opts.scale_factor):
             raise ValueError(f'--vae and --scale_factor are for raw images; {opts.data} was encoded with '
@@ -290,8 +289,10 @@ def main(**kwargs):
     if opts.dry_run:
         dist.print0('Dry run; exiting.')
         return
-    if resumed is not None:
+    if resumed is not None and c.resume_state is not None:
         dist.print0(f'Resuming run {c.run_dir} from {c.resume_state} (same command, same --outdir).')
+    elif resumed is not None:
+        dist.print0(f'Restarting run {c.run_dir} from the beginning: it has no training state yet.')
 
     if dist.get_rank() == 0:
         os.makedirs(c.run_dir, exist_ok=True)
@@ -300,14 +301,17 @@ def main(**kwargs):
                 json.dump(c, f, indent=2)
         logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), 'a')
     dist.barrier()
+    error = None
     try:
-        training_loop(**{k: v for k, v in c.items()})
+        training_loop(**c)
     except (FloatingPointError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+        error = str(err)   # raised after shutdown: the traceback would keep DDP alive past it
     finally:
         if dist.get_rank() == 0:
             logger.close()
     dist.shutdown()
+    if error is not None:
+        raise click.ClickException(error)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,383 @@
+"""Tests of the training code in one process (training/training_loop.py,
+training/loss.py): a few steps of a tiny network on CPU, resume
+equivalence, snapshots and training states, gradient accumulation,
+non-finite losses, image accounting. train.py and multi-process runs are
+in test_train_cli.py."""
+
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import dataset_tool
+from torch_utils import misc, training_stats
+from training import loss as loss_lib
+from training import sampling
+from training import training_loop as tl
+
+RESOLUTION = 32
+TINY_NET = dict(precond='edm', model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=8,
+                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], use_pos=True, dropout=0)
+AUGMENT = dict(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+E_M_PIXEL_HALF = 0.2 * 4 + 0.3 * 2 + 0.5 * 1   # E[m] at real_p = 0.5 in pixel space: 1.9
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread: tiny networks on a busy 2-core machine run several
+    times faster than with two contending threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def shapes_zip(tmp_path_factory):
+    """A labelled 32x32 RGB dataset of 16 demo images (5 classes)."""
+    path = tmp_path_factory.mktemp('data') / 'shapes-32x32.zip'
+    dataset_tool.convert_dataset('demo:shapes:16', str(path), resolution=(RESOLUTION, RESOLUTION))
+    return str(path)
+
+
+def trainer_kwargs(data, **overrides):
+    """Resolved options of a tiny run (what train.py would pass to Trainer)."""
+    kwargs = dict(dataset_kwargs=dict(path=data, use_labels=False), network_kwargs=dict(TINY_NET),
+                  loss_kwargs=dict(loss='edm'), optimizer_kwargs=dict(lr=2e-3, betas=[0.9, 0.999], eps=1e-8),
+                  patch_kwargs=dict(real_p=0.5), batch_size=8, lr_rampup_kimg=0, ema_halflife_kimg=0.5, seed=1)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+            value = dict(kwargs[key], **value)
+        kwargs[key] = value
+    return kwargs
+
+
+def make_trainer(data, **overrides):
+    return tl.Trainer(**trainer_kwargs(data, **overrides))
+
+
+def clean_images(dataset, count):
+    """The first `count` dataset images as float32 [count, C, R, R] in [-1, 1]."""
+    return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(count)]).to(torch.float32) / 127.5 - 1
+
+
+def fixed_noise_loss(net, y):
+    """EDM loss of `net` on full images `y` with noise levels and noise from a fixed generator."""
+    gen = torch.Generator().manual_seed(0)
+    sigma = (torch.randn([y.shape[0], 1, 1, 1], generator=gen) * 1.2 - 1.2).exp()
+    n = torch.randn(y.shape, generator=gen) * sigma
+    with torch.no_grad():
+        D_yn = net(y + n, sigma.flatten())
+    weight = (sigma ** 2 + 0.5 ** 2) / (sigma * 0.5) ** 2
+    return float((weight * (D_yn - y) ** 2).mean())
+
+
+def assert_same_tensors(a, b):
+    """Bit-exact equality of two state dicts."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def tensors_equal(module_a, module_b):
+    a, b = dict(misc.named_params_and_buffers(module_a)), dict(misc.named_params_and_buffers(module_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------
+# Steps of the Trainer.
+
+def test_loss_finite_and_decreasing(shapes_zip):
+    trainer = make_trainer(shapes_zip)
+    y = clean_images(trainer.dataset, 16)
+    before = fixed_noise_loss(trainer.net, y)
+    collector = training_stats.Collector(regex='Loss/loss')
+    collector.update()   # drop what earlier tests reported
+    losses, sizes = [], []
+    for _ in range(30):
+        sizes.append(trainer.step())
+        collector.update()
+        losses.append(collector.mean('Loss/loss'))
+    assert np.isfinite(losses).all(), losses
+    assert len(set(sizes)) > 1, sizes   # real_p = 0.5: patches and full images
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+    assert fixed_noise_loss(trainer.net, y) < 0.9 * before
+    assert fixed_noise_loss(trainer.ema, y) < before
+    assert trainer.bad_steps == 0
+
+
+def test_resume_is_bit_exact(shapes_zip, tmp_path):
+    """N steps == N/2 steps, save_state, load_state into a NEW Trainer, N/2 steps:
+    patch draws, crops, augmentation, dropout and data order all continue."""
+    options = dict(augment_kwargs=AUGMENT, network_kwargs=dict(augment_dim=9, dropout=0.1),
+                   lr_rampup_kimg=0.05, ema_rampup_ratio=0.05)
+    straight = make_trainer(shapes_zip, **options)
+    sizes = [straight.step() for _ in range(8)]
+    assert len(set(sizes)) > 1, sizes
+
+    first = make_trainer(shapes_zip, **options)
+    assert [first.step() for _ in range(4)] == sizes[:4]
+    path = tmp_path / 'training-state-000000.pt'
+    tl.save_state(str(path), first, cur_tick=3)
+    raw = torch.load(path, map_location='cpu', weights_only=True)   # plain tensors and numbers only
+    assert raw['step'] == 4 and raw['cur_tick'] == 3
+    del first
+
+    second = make_trainer(shapes_zip, **options)
+    second.load_state_dict(tl.load_state(str(path)))
+    assert second.step_count == 4 and second.cur_nimg == straight.nimg_at(4)
+    assert [second.step() for _ in range(4)] == sizes[4:]
+    assert_same_tensors(straight.net.state_dict(), second.net.state_dict())
+    assert_same_tensors(straight.ema.state_dict(), second.ema.state_dict())
+    assert straight.batches.consumed == second.batches.consumed
+    adam_a, adam_b = straight.optimizer.state_dict()['state'], second.optimizer.state_dict()['state']
+    assert adam_a.keys() == adam_b.keys()
+    for key in adam_a:
+        assert_same_tensors(adam_a[key], adam_b[key])
+
+
+def test_resume_differs_without_state(shapes_zip):
+    """The resume test above can fail: a fresh Trainer with the same seed that
+    skips the first steps ends elsewhere."""
+    straight = make_trainer(shapes_zip)
+    for _ in range(4):
+        straight.step()
+    other = make_trainer(shapes_zip)
+    other.step_count = 2
+    for _ in range(2):
+        other.step()
+    assert not tensors_equal(straight.net, other.net)
+
+
+def test_same_seed_same_initial_weights(shapes_zip):
+    assert tensors_equal(make_trainer(shapes_zip).net, make_trainer(shapes_zip).net)
+    assert not tensors_equal(make_trainer(shapes_zip).net, make_trainer(shapes_zip, seed=2).net)
+
+
+def test_image_accounting(shapes_zip):
+    trainer = make_trainer(shapes_zip, batch_size=4)
+    assert trainer.schedule.expected_multiplier == pytest.approx(E_M_PIXEL_HALF)
+    taken = 0
+    for k in range(1, 11):
+        P = trainer.step()
+        taken += 4 * (RESOLUTION // P)
+        assert trainer.cur_nimg == round(k * 4 * E_M_PIXEL_HALF)
+        assert trainer.batches.consumed == taken   # m = R / P full images per patch step
+    plain = make_trainer(shapes_zip, batch_size=4, patch_kwargs=dict(real_p=1.0))
+    plain.step()
+    assert plain.cur_nimg == 4 and plain.batches.consumed == 4
+
+
+def deterministic_loss(net, y, pos=None, labels=None, augment_labels=None):
+    """A noise-free loss: the network at sigma = 1 on the clean image, [N, C, H, W]."""
+    return (net(y, torch.ones([y.shape[0]]), pos=pos, class_labels=labels) - y) ** 2
+
+
+def test_gradient_accumulation_matches_one_round(shapes_zip):
+    """batch 4 as 2 rounds of 2 equals one round of 4 (real_p = 1, no noise)."""
+    trainers = [make_trainer(shapes_zip, batch_size=4, batch_gpu=b, patch_kwargs=dict(real_p=1.0))
+                for b in (2, 4)]
+    assert [t.num_rounds for t in trainers] == [2, 1]
+    for t in trainers:
+        t.loss_fn = deterministic_loss
+        assert t.step() == RESOLUTION
+    for (name, p), q in zip(trainers[0].net.named_parameters(), trainers[1].net.parameters()):
+        # Summation order differs: compare per tensor, relative to its norm.
+        assert (p.grad - q.grad).norm() <= 1e-5 * q.grad.norm(), name
+        # Adam's first step is lr * g / (|g| + eps): ill-conditioned where |g| ~ eps, hence atol = lr / 1000.
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-6)
+    # The gradient is that of the mean over the 4 images of each image's summed pixel loss.
+    ref = make_trainer(shapes_zip, batch_size=4, patch_kwargs=dict(real_p=1.0))
+    ref.start_data()
+    images, _ = ref.batches.take(1)
+    y = images.to(torch.float32) / 127.5 - 1
+    deterministic_loss(ref.net, y, pos=tl.patching.full_grid(RESOLUTION, 4)).sum().div(4).backward()
+    for (name, p), q in zip(ref.net.named_parameters(), trainers[1].net.parameters()):
+        assert (p.grad - q.grad).norm() <= 1e-5 * p.grad.norm(), name
+
+
+class NaNAt:
+    """Wraps a loss; returns NaN on the given (0-based) steps of `trainer`."""
+
+    def __init__(self, trainer, bad_steps):
+        self.trainer, self.bad_steps, self.inner = trainer, bad_steps, trainer.loss_fn
+
+    def __call__(self, **kwargs):
+        loss = self.inner(**kwargs)
+        return loss * float('nan') if self.trainer.step_count in self.bad_steps else loss
+
+
+def test_nan_step_is_skipped_and_counted(shapes_zip):
+    trainer = make_trainer(shapes_zip)
+    trainer.loss_fn = NaNAt(trainer, {2})
+    trainer.step()
+    trainer.step()
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    trainer.step()
+    assert trainer.bad_steps == 1 and trainer.step_count == 3
+    assert_same_tensors(before, trainer.net.state_dict())
+    assert all(s['step'] == 2 for s in trainer.optimizer.state_dict()['state'].values())   # Adam skipped
+    assert all(torch.isfinite(p).all() for p in trainer.ema.parameters())
+    trainer.step()
+    assert trainer.bad_steps == 1
+    assert not torch.equal(before['model.map_layer0.weight'], trainer.net.state_dict()['model.map_layer0.weight'])
+
+
+class AlwaysNaNLoss(loss_lib.EDMLoss):
+    def __call__(self, net, y, pos=None, labels=None, augment_labels=None):
+        return super().__call__(net, y, pos, labels, augment_labels) * float('nan')
+
+
+class NaNFromStepLoss(loss_lib.EDMLoss):
+    """NaN from call number `first_bad` (0-based) on; one call per step when batch_gpu = batch."""
+
+    def __init__(self, first_bad):
+        super().__init__()
+        self.first_bad, self.calls = first_bad, 0
+
+    def __call__(self, net, y, pos=None, labels=None, augment_labels=None):
+        loss = super().__call__(net, y, pos, labels, augment_labels)
+        self.calls += 1
+        return loss * float('nan') if self.calls > self.first_bad else loss
+
+
+def loop_kwargs(data, run_dir, **overrides):
+    """training_loop options of a tiny run: one step per tick (kimg_per_tick tiny)."""
+    loop = dict(run_dir=str(run_dir), kimg_per_tick=1e-6, snapshot_ticks=1, state_dump_ticks=1, sample_count=0,
+                tensorboard=False)
+    loop.update((k, overrides.pop(k)) for k in list(overrides) if k in loop or k == 'max_bad_steps')
+    return dict(trainer_kwargs(data, total_kimg=8 * 8 * E_M_PIXEL_HALF / 1000, **overrides), **loop)
+
+
+def test_training_loop_stops_on_nan(shapes_zip, tmp_path, monkeypatch):
+    monkeypatch.setitem(tl.LOSSES, 'nan', AlwaysNaNLoss)
+    with pytest.raises(FloatingPointError, match=r'step 0\b.*tick 0\b'):
+        tl.training_loop(**loop_kwargs(shapes_zip, tmp_path, loss_kwargs=dict(loss='nan'), max_bad_steps=0))
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(('training-state', 'network-snapshot'))]
+
+
+def test_training_loop_keeps_states_from_before_the_bad_step(shapes_zip, tmp_path, monkeypatch):
+    """NaN from step 3 (0-based) on, one step per tick: the error names step 3
+    and tick 3, and the newest training state holds 3 steps (steps 0 to 2)."""
+    monkeypatch.setitem(tl.LOSSES, 'nan3', lambda: NaNFromStepLoss(3))
+    with pytest.raises(FloatingPointError, match=r'step 3\b.*tick 3\b'):
+        tl.training_loop(**loop_kwargs(shapes_zip, tmp_path, loss_kwargs=dict(loss='nan3'), max_bad_steps=0))
+    states = [name for name in os.listdir(tmp_path) if name.startswith('training-state')]
+    assert states == ['training-state-000000.pt']   # one per tick, the same kimg name
+    state = tl.load_state(str(tmp_path / states[0]))
+    assert state['step'] == 3 and state['cur_tick'] == 3
+    assert all(torch.isfinite(v).all() for v in state['net'].values())
+
+
+class NaNOnceLoss(loss_lib.EDMLoss):
+    """NaN on call number `bad` (0-based) only."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def __call__(self, net, y, pos=None, labels=None, augment_labels=None):
+        loss = super().__call__(net, y, pos, labels, augment_labels)
+        self.calls += 1
+        return loss * float('nan') if self.calls - 1 == self.bad else loss
+
+
+def test_bad_step_message_names_the_bad_step(shapes_zip, tmp_path, monkeypatch):
+    """A bad step inside a long tick: the message names that step, not the tick's last."""
+    monkeypatch.setitem(tl.LOSSES, 'nan1once', lambda: NaNOnceLoss(1))
+    kwargs = loop_kwargs(shapes_zip, tmp_path, loss_kwargs=dict(loss='nan1once'), max_bad_steps=0)
+    kwargs['kimg_per_tick'] = 4 * 8 * E_M_PIXEL_HALF / 1000   # tick 1 = steps 1 to 4
+    with pytest.raises(FloatingPointError, match=r'1 training steps .*step 1\b.*tick 1\b'):
+        tl.training_loop(**kwargs)
+
+
+# ----------------------------------------------------------------------------
+# A whole (tiny) training_loop: snapshots, states, stats, sample grid.
+
+@pytest.fixture(scope='module')
+def loop_run(shapes_zip, tmp_path_factory):
+    """training_loop for 8 steps at batch 8, real_p 0.5, one step per tick,
+    a 4-image sample grid; returns (run_dir, ema, kwargs)."""
+    run_dir = tmp_path_factory.mktemp('run')
+    kwargs = loop_kwargs(shapes_zip, run_dir, sample_count=4, state_dump_ticks=3)
+    ema = tl.training_loop(**kwargs)
+    return run_dir, ema, kwargs
+
+
+def test_snapshot_reloads_with_same_outputs(loop_run):
+    run_dir, ema, kwargs = loop_run
+    path = run_dir / 'network-snapshot-000000.pkl'
+    with open(path, 'rb') as f:
+        data = pickle.load(f)
+    assert {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs', 'patch_kwargs'} <= set(data)
+    assert data['patch_kwargs']['real_p'] == 0.5
+    assert data['dataset_kwargs']['path'] == kwargs['dataset_kwargs']['path']
+    assert isinstance(data['loss_fn'], loss_lib.EDMLoss)
+
+    net, meta = sampling.load_network(str(path))
+    assert tensors_equal(net, ema)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn([3, 3, RESOLUTION, RESOLUTION], generator=gen)
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    with torch.no_grad():
+        assert torch.equal(net(x, sigma), ema(x, sigma))
+        patch = x[:, :, :16, 8:24]
+        pos = tl.patching.patch_grid(torch.zeros(3, dtype=torch.long), torch.full([3], 8), 16, RESOLUTION)
+        assert torch.equal(net(patch, sigma, pos=pos), ema(patch, sigma, pos=pos))
+    assert meta.patch_kwargs['real_p'] == 0.5
+
+
+def test_training_state_loads_weights_only(loop_run):
+    run_dir, ema, _ = loop_run
+    path = tl.find_latest_state(str(run_dir))
+    assert path == str(run_dir / 'training-state-000000.pt')
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    assert state['step'] == 8 and state['format'] == 'patch-diffusion-state-v1'
+    assert_same_tensors(state['ema'], ema.state_dict())
+    assert set(state) >= {'net', 'ema', 'optimizer', 'step', 'consumed', 'seed', 'cur_tick'}
+
+
+def test_stats_progress_matches_image_accounting(loop_run):
+    run_dir, _, _ = loop_run
+    lines = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
+    assert len(lines) == 8   # one step per tick
+    steps = 0
+    for tick, stats in enumerate(lines):
+        assert stats['Progress/tick']['mean'] == tick
+        steps += sum(v['mean'] for k, v in stats.items() if re.fullmatch(r'Patches/steps_\d+px', k))
+        assert stats['Progress/kimg']['mean'] * 1000 == pytest.approx(round(steps * 8 * E_M_PIXEL_HALF))
+        assert np.isfinite(stats['Loss/loss']['mean'])
+        assert stats['Progress/bad_steps']['mean'] == 0
+    assert steps == 8
+
+
+def test_sample_grid_written(loop_run):
+    import PIL.Image
+    run_dir, _, _ = loop_run
+    with PIL.Image.open(run_dir / 'samples-000000.png') as image:
+        assert image.size[0] >= 2 * RESOLUTION and image.size[1] >= RESOLUTION
+
+
+# ----------------------------------------------------------------------------
+# Transfer of weights between snapshots.
+
+def test_transfer_weights_copies_everything(loop_run, shapes_zip):
+    run_dir, ema, _ = loop_run
+    fresh = make_trainer(shapes_zip, seed=7)
+    assert not tensors_equal(fresh.net, ema)
+    copied, missing = tl.transfer_weights(str(run_dir / 'network-snapshot-000000.pkl'), fresh.net)
+    assert sorted(copied) == sorted(name for name, _ in misc.named_params_and_buffers(fresh.net))
+    assert missing == []
+    assert tensors_equal(fresh.net, ema)
+
+
+def test_transfer_weights_rejects_other_pickles(tmp_path):
+    path = tmp_path / 'not-a-snapshot.pkl'
+    path.write_bytes(pickle.dumps(dict(weights=[1, 2])))
+    with pytest.raises(ValueError, match='ema'):
+        tl.transfer_weights(str(path), torch.nn.Linear(2, 2))
