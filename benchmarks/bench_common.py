@@ -1,0 +1,265 @@
+"""What the benchmarks share: presets, data, the machine description, peak
+memory and timing helpers.
+
+Presets name a network and a batch the way train.py does (an entry of
+train.ARCHITECTURES plus overrides):
+
+    cpu-small   DDPM++ 32x32, cbase 32, cres 1,2,2, 2 blocks, no attention,
+                batch 32 (the `make demo` network): seconds per step on 2 cores
+    gpu-paper   DDPM++ 64x64 with the paper's CelebA settings: cres 1,2,2,2,
+                dropout 0.05, batch 256
+    gpu-latent  ADM on 32x32x4 latent-shaped data (a 256x256 image through the
+                Stable Diffusion VAE), latent patch sizes {16, 32}, batch 256
+"""
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import platform
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import dataset_tool  # noqa: E402
+from train import ARCHITECTURES  # noqa: E402
+from training.dataset import ImageFolderDataset  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A benchmark configuration. `data`: 'demo' (demo shapes made on the fly)
+    or 'random' (random uint8 tensors of the latent shape, in memory)."""
+    arch: str
+    resolution: int
+    channels: int
+    batch: int
+    batch_gpu: int
+    lr: float
+    network: dict
+    latent: bool = False
+    data: str = 'demo'
+
+
+PRESETS = {
+    'cpu-small': Preset(arch='ddpmpp', resolution=32, channels=3, batch=32, batch_gpu=32, lr=2e-3,
+                        network=dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[],
+                                     dropout=0.0)),
+    'gpu-paper': Preset(arch='ddpmpp', resolution=64, channels=3, batch=256, batch_gpu=64, lr=2e-4,
+                        network=dict(channel_mult=[1, 2, 2, 2], dropout=0.05)),
+    'gpu-latent': Preset(arch='adm', resolution=32, channels=4, batch=256, batch_gpu=64, lr=1e-4,
+                         network=dict(dropout=0.1), latent=True, data='random'),
+}
+
+
+def network_kwargs(preset, use_fp16=False):
+    """The network_kwargs of training_loop.Trainer for a preset (as train.py builds them)."""
+    kwargs = dict(precond='edm', **ARCHITECTURES[preset.arch])
+    kwargs.update(preset.network)
+    kwargs.update(use_fp16=use_fp16, use_pos=True, pos_freqs=0, implicit_mlp=False)
+    return kwargs
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+class RandomImageDataset(torch.utils.data.Dataset):
+    """`count` random uint8 images [C, R, R] held in memory, without labels.
+
+    Stands in for pre-encoded latents in throughput runs: the tensors have
+    the latent shape; their values do not change the work of a step.
+    """
+
+    def __init__(self, count, channels, resolution, seed=0):
+        rng = np.random.default_rng(seed)
+        self.images = rng.integers(0, 256, size=(count, channels, resolution, resolution), dtype=np.uint8)
+        self.resolution = resolution
+        self.num_channels = channels
+        self.label_dim = 0
+        self.name = f'random-{channels}x{resolution}x{resolution}'
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        return self.images[idx].copy(), np.zeros([0], dtype=np.float32)
+
+
+def build_demo_dataset(dest, resolution, count=2000):
+    """Write `count` demo shapes at resolution x resolution to the zip `dest`; returns dest."""
+    dataset_tool.convert_dataset(f'demo:shapes:{count}', dest, resolution=(resolution, resolution))
+    return dest
+
+
+def open_dataset(preset, data, workdir, use_labels=False, max_size=None, demo_count=2000):
+    """The benchmark's dataset: `data` (a zip or folder), or the preset's
+    default made in `workdir` (demo shapes, or random latent-shaped tensors)."""
+    if data is None and preset.data == 'random':
+        return RandomImageDataset(max_size or demo_count, preset.channels, preset.resolution)
+    if data is None:
+        data = build_demo_dataset(os.path.join(workdir, f'demo-shapes-{preset.resolution}.zip'), preset.resolution,
+                                  demo_count)
+    return ImageFolderDataset(data, use_labels=use_labels, max_size=max_size, cache=True)
+
+
+# ----------------------------------------------------------------------------
+# The machine.
+
+
+def emit_summary(summary, json_path=None):
+    """Print the one-line JSON summary (a benchmark's last line) and, if asked, write it to json_path."""
+    import json
+    from dnnlib.util import atomic_write
+    line = json.dumps(summary)
+    if json_path:
+        with atomic_write(json_path, 'w') as f:
+            f.write(line + '\n')
+    print(line)
+
+
+def cpu_model():
+    """The 'model name' line of /proc/cpuinfo, or platform.processor()."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def machine_info(device):
+    """A JSON-able description of where the benchmark ran."""
+    device = torch.device(device)
+    info = dict(device=str(device), torch=torch.__version__, cpu=cpu_model(), nproc=len(os.sched_getaffinity(0)),
+                threads=torch.get_num_threads(), loadavg_start=[round(x, 2) for x in os.getloadavg()])
+    if device.type == 'cuda':
+        info['device_name'] = torch.cuda.get_device_name(device)
+    return info
+
+
+def describe_machine(info):
+    """One line for the log: device, processor, torch, CPUs, threads, load."""
+    return (f'{info["device"]} ({info.get("device_name", info["cpu"])}), torch {info["torch"]}, '
+            f'{info["nproc"]} CPUs, {info["threads"]} torch threads, load average {info["loadavg_start"]}')
+
+
+def set_threads(threads):
+    """Use `threads` intra-op threads (None: leave torch's default)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so wall-clock times cover it (no-op on CPU)."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(fn(), wall seconds) with the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    value = fn()
+    synchronize(device)
+    return value, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------
+# Peak memory.
+
+
+def _release_free_heap():
+    """Hand freed heap pages back to the OS (glibc), so RSS growth is measured from a low base."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory of the code run inside `with tracker.measure():` blocks, in bytes.
+
+    CUDA: torch.cuda.max_memory_allocated over the blocks (`peak`), and the
+    most it rose above what was allocated when a block began (`growth`: the
+    step's own activations and temporaries). CPU: the process RSS, sampled
+    every `interval` seconds by a thread; `growth` is the peak above the RSS
+    at the start of a block, after freed heap pages are handed back to the
+    OS. Blocks of the same tracker keep the maximum.
+    """
+
+    def __init__(self, device, interval=0.005):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak = 0
+        self.growth = 0
+        self.kind = 'cuda_max_memory_allocated' if self.device.type == 'cuda' else 'cpu_rss'
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            _release_free_heap()
+            process = psutil.Process(os.getpid())
+            base = process.memory_info().rss
+            samples = [base]
+            stop = threading.Event()
+
+            def sample():
+                while not stop.wait(self.interval):
+                    samples.append(process.memory_info().rss)
+            thread = threading.Thread(target=sample, daemon=True)
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                thread.join()
+            peak = max(samples + [process.memory_info().rss])
+        self.peak = max(self.peak, peak)
+        self.growth = max(self.growth, peak - base)
+
+
+def gib(nbytes):
+    return round(nbytes / 2**30, 3)
+
+
+def float_key(value):
+    """'1.0', '0.5', '0.25': the JSON key of a real_p."""
+    return str(float(value))
+
+
+def parse_float_list(text):
+    """'1,0.5,0.25' -> [1.0, 0.5, 0.25]."""
+    try:
+        values = [float(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        raise ValueError(f'{text!r} is not a comma-separated list of numbers, e.g. 1,0.5,0.25') from None
+    if not values:
+        raise ValueError('the list is empty; give e.g. 1,0.5,0.25')
+    return values
+
+
+def parse_int_list(text):
+    """'16,64' -> [16, 64]."""
+    try:
+        values = [int(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        raise ValueError(f'{text!r} is not a comma-separated list of integers, e.g. 16,64') from None
+    if not values or min(values) < 1:
+        raise ValueError(f'{text!r}: give positive integers, e.g. 16,64')
+    return values

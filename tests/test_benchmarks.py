@@ -1,0 +1,234 @@
+"""The benchmark scripts: their arithmetic, their alternation, and short end-to-end runs on tiny data."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
+import bench_common  # noqa: E402
+import bench_sample  # noqa: E402
+import bench_train  # noqa: E402
+import quality_vs_time  # noqa: E402
+from training import metrics  # noqa: E402
+from training.patching import PatchSchedule  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def shapes_zip(tmp_path_factory):
+    """12 demo shapes at 32x32, with labels."""
+    return bench_common.build_demo_dataset(str(tmp_path_factory.mktemp('data') / 'shapes.zip'), 32, count=12)
+
+
+def last_json_line(output):
+    return json.loads(output.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------
+# bench_train arithmetic.
+
+
+@pytest.mark.parametrize('resolution', [32, 64])
+def test_ideal_ratio_is_images_over_pixels(resolution):
+    # real_p = 0.5: E[m] = 0.5 + 0.3 * 2 + 0.2 * 4 = 1.9; E[P/R] = 0.5 + 0.3 / 2 + 0.2 / 4 = 0.7.
+    assert bench_train.ideal_ratio(PatchSchedule(resolution, 0.5)) == pytest.approx(1.9 / 0.7)
+    assert bench_train.ideal_ratio(PatchSchedule(resolution, 1.0)) == pytest.approx(1.0)
+
+
+def test_expected_step_time_proportional_to_pixels_gives_the_ideal_ratio():
+    schedule, plain = PatchSchedule(64, 0.25), PatchSchedule(64, 1.0)
+    sec = {16: 0.25, 32: 0.5, 64: 1.0}
+    ratio = (schedule.expected_multiplier / bench_train.expected_sec_per_step(schedule, sec)) / \
+        (plain.expected_multiplier / bench_train.expected_sec_per_step(plain, sec))
+    assert ratio == pytest.approx(bench_train.ideal_ratio(schedule))
+    assert bench_train.expected_sec_per_step(schedule, {64: 1.0}) is None   # a size never timed
+
+
+class FakeTrainer:
+    """Steps of known patch sizes; appends (name, P) to a shared log."""
+
+    def __init__(self, name, real_p, log, sizes):
+        self.name, self.log, self.sizes = name, log, sizes
+        self.schedule = PatchSchedule(32, real_p)
+        self.nimg_per_step = 8 * self.schedule.expected_multiplier
+        self.count = 0
+
+    def step(self):
+        P = self.sizes[self.count % len(self.sizes)]
+        self.count += 1
+        self.log.append((self.name, P))
+        return P
+
+
+def test_measure_alternates_blocks_in_rotating_order():
+    log = []
+    trainers = {1.0: FakeTrainer('a', 1.0, log, [32]), 0.5: FakeTrainer('b', 0.5, log, [8, 16, 32])}
+    records, memory = bench_train.measure(trainers, rounds=3, block=2, device='cpu')
+    assert [name for name, _ in log] == list('aabb' 'bbaa' 'aabb')
+    assert len(records) == 12 and set(memory) == {1.0, 0.5}
+    assert [r['P'] for r in records if r['real_p'] == 0.5] == [8, 16, 32, 8, 16, 32]
+
+
+def test_measure_adds_rounds_until_each_patch_size_was_timed():
+    log = []
+    trainers = {1.0: FakeTrainer('a', 1.0, log, [32]), 0.5: FakeTrainer('b', 0.5, log, [32, 32, 16, 8])}
+    records, _ = bench_train.measure(trainers, rounds=1, block=1, device='cpu', max_extra_rounds=5)
+    assert [r['round'] for r in records if r['real_p'] == 0.5] == [0, 1, 2, 3]   # 8px first timed in round 3
+    log.clear()
+    trainers = {0.5: FakeTrainer('c', 0.5, log, [32])}   # never draws 8 or 16: stops at the cap
+    records, _ = bench_train.measure(trainers, rounds=1, block=1, device='cpu', max_extra_rounds=2)
+    assert len(records) == 3
+
+
+def test_summarize_uses_the_image_accounting():
+    log = []
+    trainers = {1.0: FakeTrainer('a', 1.0, log, [32]), 0.5: FakeTrainer('b', 0.5, log, [8, 16, 32])}
+    records = [dict(real_p=1.0, round=0, P=32, seconds=1.0), dict(real_p=0.5, round=0, P=32, seconds=3.0),
+               dict(real_p=0.5, round=0, P=16, seconds=1.0), dict(real_p=0.5, round=0, P=8, seconds=0.5)]
+    memory = {key: bench_common.PeakMemory('cpu') for key in trainers}
+    rows, sec_by_patch, steps_by_patch = bench_train.summarize(trainers, records, memory)
+    assert sec_by_patch == {8: 0.5, 16: 1.0, 32: 2.0} and steps_by_patch == {8: 1, 16: 1, 32: 2}
+    expected = 0.5 * 2.0 + 0.3 * 1.0 + 0.2 * 0.5                     # pooled by patch size
+    assert rows[0.5]['sec_per_step'] == pytest.approx(expected)
+    assert rows[0.5]['kimg_per_s'] == pytest.approx(8 * 1.9 / expected / 1e3)
+    assert rows[0.5]['sec_per_step_drawn'] == pytest.approx(4.5 / 3)
+    assert rows[0.5]['ratio'] == pytest.approx((1.9 / expected) / (1 / 2.0))
+    assert rows[1.0]['ratio'] == pytest.approx(1.0)
+
+
+def test_peak_memory_sees_a_large_allocation_on_cpu():
+    tracker = bench_common.PeakMemory('cpu', interval=0.001)
+    with tracker.measure():
+        block = torch.ones(64 * 2**20 // 4)   # 64 MiB, written
+        time.sleep(0.05)
+        del block
+    assert tracker.growth > 32 * 2**20 and tracker.peak > tracker.growth
+
+
+# ----------------------------------------------------------------------------
+# End to end, tiny.
+
+
+def test_bench_train_cli_prints_a_json_summary(shapes_zip):
+    result = CliRunner().invoke(bench_train.main, ['--data', shapes_zip, '--batch', '2', '--real-p', '1,0.5',
+                                                   '--rounds', '1', '--block', '1', '--warmup', '0',
+                                                   '--threads', '1', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    summary = last_json_line(result.output)
+    assert summary['preset'] == 'cpu-small' and summary['device'] == 'cpu' and summary['batch'] == 2
+    assert set(summary['kimg_per_s']) == {'1.0', '0.5'} and 'ratio_0.5' in summary
+    sec = summary['sec_per_step']['1.0']
+    assert summary['kimg_per_s']['1.0'] == pytest.approx(2 / sec / 1e3)
+    assert summary['mem_kind'] == 'cpu_rss'
+
+
+def test_bench_train_rejects_fp16_on_cpu(shapes_zip):
+    result = CliRunner().invoke(bench_train.main, ['--data', shapes_zip, '--precision', 'fp16', '--device', 'cpu'])
+    assert result.exit_code != 0 and 'CUDA only' in result.output
+
+
+def test_bench_sample_cli_times_each_batch_size():
+    result = CliRunner().invoke(bench_sample.main, ['--batch', '1,2', '--num', '2', '--steps', '2', '--rounds', '1',
+                                                    '--warmup', '0', '--threads', '1', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    summary = last_json_line(result.output)
+    assert summary['nfe_per_image'] == 3 and set(summary['images_per_s']) == {'1', '2'}
+    for key, seconds in summary['block_seconds'].items():
+        assert summary['images_per_s'][key] == pytest.approx(2 / seconds[0])
+
+
+# ----------------------------------------------------------------------------
+# quality_vs_time.
+
+
+class ClockedTrainer:
+    """A trainer whose steps advance a fake clock by `cost` seconds."""
+
+    def __init__(self, clock, cost, log, name):
+        self.clock, self.cost, self.log, self.name = clock, cost, log, name
+        self.step_count = 0
+        self.cur_nimg = 0
+        self.ema = torch.nn.Linear(1, 1)
+
+    def step(self):
+        self.clock[0] += self.cost
+        self.step_count += 1
+        self.cur_nimg += 10
+        self.log.append(self.name)
+
+
+def test_train_equal_time_alternates_and_checkpoints_on_time():
+    clock, log = [0.0], []
+    trainers = {1.0: ClockedTrainer(clock, 1.0, log, 'a'), 0.5: ClockedTrainer(clock, 0.25, log, 'b')}
+    points = quality_vs_time.train_equal_time(trainers, budget_s=10, checkpoints=2, slice_s=3, clock=lambda: clock[0])
+    assert log[:3] == ['a'] * 3 and log[3] == 'b'   # slices of 3 s, not one trainer then the other
+    assert trainers[1.0].step_count == 10 and trainers[0.5].step_count == 40
+    for key, cost in [(1.0, 1.0), (0.5, 0.25)]:
+        assert [p['time_s'] >= mark for p, mark in zip(points[key], [5, 10])] == [True, True]
+        assert all(p['time_s'] < mark + cost + 1e-9 for p, mark in zip(points[key], [5, 10]))
+        assert points[key][-1]['steps'] == trainers[key].step_count
+        assert points[key][0]['ema'] is not trainers[key].ema
+
+
+def test_feature_network_loads_like_fid_detector(tmp_path):
+    model = quality_vs_time.ShapeClassifier(channels=3, num_classes=5, width=8, feature_dim=16).eval()
+    path = str(tmp_path / 'detector.pt')
+    quality_vs_time.save_detector(model, path)
+    detector = metrics.load_detector(path, 'cpu')
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    features = metrics.detector_features(detector, images)
+    assert features.shape == (4, 16)
+    with torch.no_grad():
+        assert torch.allclose(features.float(), model(images, return_features=True))
+
+
+def test_classifier_learns_the_demo_shapes(shapes_zip):
+    from training.dataset import ImageFolderDataset
+    images, labels = quality_vs_time.load_labelled(ImageFolderDataset(shapes_zip, use_labels=True))
+    assert images.dtype == torch.uint8 and labels.tolist() == [i % 5 for i in range(12)]
+    torch.manual_seed(0)
+    model, accuracy = quality_vs_time.train_classifier(images, labels, 5, epochs=1, holdout=0.25)
+    assert 0 <= accuracy <= 1 and not model.training
+
+
+def test_mean_curves_average_over_seeds():
+    runs = {'1.0': [dict(seed=0, points=[dict(time_s=60, kimg=1, fd=2.0)]),
+                    dict(seed=1, points=[dict(time_s=62, kimg=1.2, fd=4.0)])]}
+    curve = quality_vs_time.mean_curves(runs)['1.0']
+    assert curve == [dict(time_s=61, kimg=pytest.approx(1.1), fd=3.0, fd_std=1.0)]
+
+
+def test_quality_vs_time_cli_scores_every_checkpoint(shapes_zip):
+    result = CliRunner().invoke(quality_vs_time.main, [
+        '--data', shapes_zip, '--minutes', '0.02', '--seeds', '1', '--checkpoints', '2', '--slice', '0.5',
+        '--batch', '4', '--eval-images', '4', '--sample-steps', '1', '--detector-epochs', '1', '--threads', '1',
+        '--plot', ''])
+    assert result.exit_code == 0, result.output
+    summary = last_json_line(result.output)
+    assert 'NOT Inception-FID' in summary['metric'] and summary['feature_dim'] == 64
+    for key in ('1.0', '0.5'):
+        points = summary['runs'][key][0]['points']
+        assert [p['time_s'] >= mark for p, mark in zip(points, [0.6, 1.2])] == [True, True]
+        assert all(np.isfinite(p['fd']) and p['fd'] >= -1e-9 for p in points)
+        assert len(summary['mean'][key]) == 2
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(['bash', '-n', str(REPO_ROOT / 'benchmarks' / 'gpu_check.sh')]).returncode == 0
+
+
+def test_list_parsers_say_what_is_wrong():
+    assert bench_common.parse_float_list('1,0.5,0.25') == [1.0, 0.5, 0.25]
+    assert bench_common.parse_int_list('8, 32') == [8, 32]
+    with pytest.raises(ValueError, match='list of numbers'):
+        bench_common.parse_float_list('1,half')
+    with pytest.raises(ValueError, match='positive'):
+        bench_common.parse_int_list('0')
+    assert np.isclose(float(bench_common.float_key(0.25)), 0.25)
