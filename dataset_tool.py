@@ -25,6 +25,7 @@ import pickle
 import re
 import tarfile
 import zipfile
+import zlib
 from typing import Callable, Iterator
 
 import click
@@ -89,7 +90,8 @@ def _pil_to_array(img, channels):
     return array[:, :, np.newaxis] if array.ndim == 2 else array
 
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError, zipfile.BadZipFile,
+                  zlib.error)   # the last two: a damaged member of a zip source
 
 
 def _unreadable(name, err):
@@ -791,7 +793,9 @@ def _run_convert(source, dest, max_images, transform, resolution):
 
 @click.group(invoke_without_command=True)
 @convert_options
+@dnnlib.util.debug_option
 @click.pass_context
+@dnnlib.util.cli_errors
 def cli(ctx, **opts):
     """Make dataset archives for train.py and fid.py.
 
@@ -810,6 +814,8 @@ def cli(ctx, **opts):
 
 @cli.command()
 @convert_options
+@dnnlib.util.debug_option
+@dnnlib.util.cli_errors
 def convert(**opts):
     """Convert images to a ZIP or folder of PNGs plus dataset.json.
 
@@ -846,6 +852,8 @@ def convert(**opts):
               help='Images per VAE call')
 @click.option('--device', metavar='STR', type=str, default=None,
               help='Device  [default: cuda if available, else cpu]')
+@dnnlib.util.debug_option
+@dnnlib.util.cli_errors
 def encode(source, dest, **opts):
     """Encode images once with a VAE for latent training (--train_on_latents).
 

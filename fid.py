@@ -11,6 +11,7 @@ The computation is in training/metrics.py; this script parses flags.
 
 import click
 
+import dnnlib
 from torch_utils import distributed as dist
 from training import metrics
 
@@ -39,6 +40,7 @@ def _common_options(fn):
 
 
 @click.group()
+@dnnlib.util.debug_option
 def main():
     """Calculate the Frechet Inception Distance (FID).
 
@@ -59,6 +61,8 @@ def main():
 @click.option('--seed', help='Seed of the subset when more images are found', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--allow-small', help='Use all images found if fewer than --num (quick checks; FID is biased upward)', is_flag=True)
 @_common_options
+@dnnlib.util.debug_option
+@dnnlib.util.cli_errors
 def calc(**kwargs):
     """Calculate FID of a set of images against reference statistics."""
     _run(_calc, **kwargs)
@@ -82,6 +86,8 @@ def _calc(image_path, ref_path, num_expected, seed, allow_small, batch, detector
 @click.option('--data', 'dataset_path', help='Dataset folder or zip', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--dest', 'dest_path', help='Where to save the statistics', metavar='NPZ', type=str, required=True)
 @_common_options
+@dnnlib.util.debug_option
+@dnnlib.util.cli_errors
 def ref(**kwargs):
     """Calculate reference statistics of a dataset for 'calc'."""
     _run(_ref, **kwargs)

@@ -14,6 +14,7 @@ import PIL.Image
 import torch
 import tqdm
 
+import dnnlib
 from torch_utils import distributed as dist
 from training import latents, sampling
 
@@ -39,7 +40,7 @@ def _init_device(device):
 
 
 @click.command()
-@click.option('--network', 'network_pkl', help='Network snapshot (network-snapshot-*.pkl; ours, EDM or official)', metavar='PATH|URL', type=str, required=True)
+@click.option('--network', 'network_pkl', help='Network snapshot (network-snapshot-*.pkl or .safetensors; ours, EDM or official)', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Folder for the PNGs', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Seeds, one image each (e.g. 0-49999 or 1,2,5-10)', metavar='LIST', type=str, default='0-63', show_default=True)
 @click.option('--subdirs', help='Put each 1000 seeds in a subfolder', is_flag=True)
@@ -66,6 +67,8 @@ def _init_device(device):
 @click.option('--disc', 'discretization', help='Ablation: time step discretization', metavar='vp|ve|iddpm|edm', type=click.Choice(sampling.DISCRETIZATIONS))
 @click.option('--schedule', help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(sampling.SCHEDULES))
 @click.option('--scaling', help='Ablation: signal scaling s(t)', metavar='vp|none', type=click.Choice(sampling.SCALINGS))
+@dnnlib.util.debug_option
+@dnnlib.util.cli_errors
 def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, resolution, grid, device, on_latents, vae,
          scale_factor, **sampler_kwargs):
     """Generate images with the EDM sampler, or the ablation sampler when any

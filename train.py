@@ -9,10 +9,13 @@ Running the same command again with the same --outdir resumes the newest
 training state of the latest run folder with the same options.
 """
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import sys
+import traceback
 
 import click
 import torch
@@ -32,7 +35,7 @@ ARCHITECTURES = {
 }
 
 # Options that may differ between a run and the command that resumes it.
-_RESUME_KEYS = ('run_dir', 'resume_state', 'transfer_pkl')
+_RESUME_KEYS = ('run_dir', 'resume_state', 'transfer_pkl', 'snapshot_format')
 
 
 def parse_int_list(s):
@@ -91,7 +94,7 @@ def build_config(opts, dataset):
              loss_scaling=opts.ls, cudnn_benchmark=opts.bench, kimg_per_tick=opts.tick,
              snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
              precision='bf16' if opts.bf16 else 'fp32', max_bad_steps=opts.max_bad_steps,
-             sample_count=opts.samples, device=opts.device_name)
+             sample_count=opts.samples, device=opts.device_name, snapshot_format=opts.snapshot_format)
     if opts.metrics:
         c.metrics = [opts.metrics]
         c.metric_kwargs = dnnlib.EasyDict(ref=opts.metric_ref, num=opts.metric_num)
@@ -197,14 +200,17 @@ def next_run_dir(outdir, desc):
 @click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--snapshot-format', '--snapshot_format', 'snapshot_format', help='Snapshot files: EDM\'s pickles, .safetensors (no code inside) or both', type=click.Choice(['pkl', 'safetensors', 'both']), default='pkl', show_default=True)
 @click.option('--samples', help='Images in the samples-NNNNNN.png grid at each snapshot (0 = off)', metavar='INT', type=click.IntRange(min=0), default=16, show_default=True)
 @click.option('--metrics', help='Metric to compute at each snapshot', type=click.Choice(['fid']))
 @click.option('--metric-ref', '--metric_ref', 'metric_ref', help='FID reference statistics for --metrics', metavar='NPZ|URL', type=str)
 @click.option('--metric-num', '--metric_num', 'metric_num', help='Images generated for --metrics', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--transfer', help='Transfer learning from network pickle', metavar='PKL|URL', type=str)
+@click.option('--transfer', help='Transfer learning from a network snapshot', metavar='PKL|SAFETENSORS|URL', type=str)
 @click.option('--resume', help='Resume from previous training state', metavar='PT', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+@dnnlib.util.debug_option
+@dnnlib.util.cli_errors
 def main(**kwargs):
     """Train a diffusion model on image patches (Patch Diffusion on EDM).
 
@@ -221,9 +227,38 @@ def main(**kwargs):
         raise click.ClickException('--metrics=fid needs --metric-ref=NPZ|URL (reference statistics from fid.py ref)')
     if opts.label_dropout and not opts.cond:
         raise click.ClickException('--label-dropout needs a conditional model (--cond=1)')
-    device = dist.init(opts.device_name)
+    try:
+        device = dist.init(opts.device_name)
+    except RuntimeError as err:
+        raise click.ClickException(f'--device={opts.device_name}: {err}') from None
     opts.device_name = str(device)
+    failure, trace = None, None
+    try:
+        train(opts, device)
+    except Exception as err:   # reported after shutdown: a live traceback would keep DDP alive past it
+        failure = click.ClickException(failure_message(err))
+        trace = traceback.format_exc() if dnnlib.util.debug_requested() else None
+    dist.shutdown()
+    if failure is not None:
+        if trace:
+            sys.stderr.write(trace)
+        raise failure
 
+
+def failure_message(err):
+    """The one-line message of an error that stopped training."""
+    if isinstance(err, click.ClickException):
+        return err.format_message()
+    if isinstance(err, RuntimeError) and dist.get_world_size() > 1:
+        return (f'{" ".join(str(err).split())} -- with several processes this usually means that another process '
+                f'of the run failed or was killed (its output says why); torchrun --max-restarts, or running the '
+                f'same command again, resumes from the newest training state')
+    return dnnlib.util.error_line(err)
+
+
+def train(opts, device):
+    """Everything of main() after the process group is up: resolve the
+    options, pick or resume the run folder, check the input files, train."""
     # Dataset: validate it and be explicit about its size and resolution.
     from training.training_loop import build_dataset, training_loop
     try:
@@ -294,24 +329,70 @@ def main(**kwargs):
     elif resumed is not None:
         dist.print0(f'Restarting run {c.run_dir} from the beginning: it has no training state yet.')
 
-    if dist.get_rank() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
-        if resumed is None:
-            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
-                json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), 'a')
-    dist.barrier()
-    error = None
+    check_input_files(opts)
+    from training import training_loop as tl
+    new_folders = [d for d in dict.fromkeys([c.run_dir, opts.outdir]) if not os.path.isdir(d)]
+    logger = tl.run_on_rank0(lambda: prepare_run_dir(c, write_options=resumed is None))
+    failed = True
     try:
         training_loop(**c)
-    except (FloatingPointError, ValueError) as err:
-        error = str(err)   # raised after shutdown: the traceback would keep DDP alive past it
+        failed = False
     finally:
-        if dist.get_rank() == 0:
+        if logger is not None:
             logger.close()
-    dist.shutdown()
-    if error is not None:
-        raise click.ClickException(error)
+            if failed and new_folders:
+                remove_if_nothing_saved(new_folders)
+
+
+def check_input_files(opts):
+    """Read --metric-ref, --resume and --transfer once before anything is
+    written: a truncated or wrong file is an error now, not after the run
+    folder exists. (--transfer is loaded again by the training loop.)"""
+    from training import metrics, sampling
+    from training import training_loop as tl
+    if opts.metric_ref:
+        try:
+            metrics.load_ref(opts.metric_ref)
+        except (ValueError, OSError) as err:
+            raise click.ClickException(f'--metric-ref: {err}') from None
+
+    def check():
+        for flag, value, load in (('--resume', opts.resume, lambda path: tl.load_state(path, mmap=True)),
+                                  ('--transfer', opts.transfer, sampling.load_network)):
+            if value:
+                try:
+                    load(value)
+                except ValueError as err:
+                    raise click.ClickException(f'{flag}: {err}') from None
+    tl.run_on_rank0(check)
+
+
+def prepare_run_dir(c, write_options):
+    """Create the run folder with training_options.json (for a new run) and
+    start copying the console to its log.txt. Returns the Logger."""
+    try:
+        os.makedirs(c.run_dir, exist_ok=True)
+        if write_options:
+            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
+                json.dump(c, f, indent=2)
+        return dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), 'a')
+    except OSError as err:
+        raise click.ClickException(f'Cannot write the run folder {c.run_dir} ({err.strerror or err}); '
+                                   f'choose another --outdir, free space or fix its permissions') from None
+
+
+def remove_if_nothing_saved(new_folders):
+    """Remove the run folder (and --outdir) that this command made if the run
+    failed before it saved a snapshot or a training state: a failed start
+    leaves nothing behind. new_folders: [run folder, then --outdir if new]."""
+    run_dir = new_folders[0]
+    if any(name.startswith(('network-snapshot-', 'training-state-')) for name in os.listdir(run_dir)):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in new_folders[1:]:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    print(f'Removed {run_dir}: the run stopped before it saved anything.')
 
 
 if __name__ == '__main__':

@@ -1,14 +1,18 @@
-"""EasyDict, atomic file writes and `open_url` with a download cache."""
+"""EasyDict, atomic file writes, `open_url` with a download cache, and the
+error handling shared by the command-line tools."""
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
 import re
+import sys
 import tempfile
 import time
 import urllib.parse
 
+import click
 import numpy as np
 
 _RETRIES = 3
@@ -47,18 +51,25 @@ def atomic_path(path):
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    os.remove(tmp)  # the writer creates it (a file or a folder)
+    new_folders = _missing_folders(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.basename(path)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix='.tmp', dir=folder)
+        os.close(fd)
+        os.remove(tmp)  # the writer creates it (a file or a folder)
+    except BaseException:
+        _remove_empty_folders(new_folders)
+        raise
     try:
         yield tmp
         _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
+        _remove_empty_folders(new_folders)
         raise
+    _fsync_path(folder)   # the rename itself survives a power cut
 
 
 @contextlib.contextmanager
@@ -73,9 +84,87 @@ def atomic_write(path, mode='wb'):
 
 
 def _fsync_path(path):
+    """fsync a file or a folder (best effort for folders: not every filesystem allows it)."""
     if os.path.isfile(path):
         with open(path, 'rb') as f:
             os.fsync(f.fileno())
+    elif os.path.isdir(path):
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+# Names of atomic_path's temporaries: '.' + final name + '.' + 8 random characters of mkstemp + '.tmp'.
+_TEMP_RE = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')
+
+
+def remove_stale_temp_files(folder):
+    """Remove the temporaries that a killed atomic_path left in `folder`.
+
+    Call it only where no other process is writing into `folder` (e.g. a run
+    folder when its training starts). Returns the removed names.
+    """
+    if not os.path.isdir(folder):
+        return []
+    stale = sorted(name for name in os.listdir(folder) if _TEMP_RE.match(name))
+    for name in stale:
+        _remove_quietly(os.path.join(folder, name))
+    return stale
+
+
+def append_line(path, line):
+    """Append `line` + newline to a text file (e.g. .jsonl) in one write call.
+
+    A line that a kill cut short at the end of the file is dropped first, so
+    the file only ever holds whole lines.
+    """
+    data = (line.rstrip('\n') + '\n').encode('utf-8')
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        _drop_partial_last_line(fd)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _drop_partial_last_line(fd):
+    """Truncate the file `fd` after its last newline if it does not end with one."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b'\n':
+        return
+    end, chunk = size, 1 << 16
+    while end > 0:
+        start = max(end - chunk, 0)
+        newline = os.pread(fd, end - start, start).rfind(b'\n')
+        if newline >= 0:
+            os.ftruncate(fd, start + newline + 1)
+            return
+        end = start
+    os.ftruncate(fd, 0)
+
+
+def _missing_folders(folder):
+    """The folders that os.makedirs(folder) would create, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def _remove_empty_folders(folders):
+    """Remove the given folders, deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def _remove_quietly(path):
@@ -184,7 +273,6 @@ class Logger:
     """Copy everything written to stdout and stderr into a log file (append)."""
 
     def __init__(self, file_name, file_mode='a'):
-        import sys
         self.file = open(file_name, file_mode)
         self.stdout, self.stderr = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self, self
@@ -203,9 +291,66 @@ class Logger:
         return False
 
     def close(self):
-        import sys
         if sys.stdout is self:
             sys.stdout = self.stdout
         if sys.stderr is self:
             sys.stderr = self.stderr
         self.file.close()
+
+
+# ----------------------------------------------------------------------------
+# Errors of the command-line tools: one line on stderr, a traceback only on request.
+
+_DEBUG_KEY = 'patch_diffusion.debug'
+_EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def debug_option(fn):
+    """Click decorator: --debug, show the traceback of an error (as PD_DEBUG=1 does)."""
+    def remember(ctx, _param, value):
+        if value:
+            ctx.meta[_DEBUG_KEY] = True   # meta is shared with the subcommands' contexts
+    return click.option('--debug', help='Show the traceback of an error (or set PD_DEBUG=1)', is_flag=True,
+                        expose_value=False, is_eager=True, callback=remember)(fn)
+
+
+def debug_requested():
+    """True if --debug was given or the environment variable PD_DEBUG is set (not 0)."""
+    if os.environ.get('PD_DEBUG', '0') not in ('', '0'):
+        return True
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(_DEBUG_KEY))
+
+
+def error_line(err):
+    """One line that says what went wrong: the message of an expected error (a
+    user error: ValueError, OSError, FloatingPointError), else its type and
+    message with a hint to get the traceback."""
+    text = ' '.join(str(err).split())
+    if isinstance(err, _EXPECTED_ERRORS) and text:
+        return text
+    return f'{type(err).__name__}: {text or "(no message)"} (unexpected; --debug or PD_DEBUG=1 shows the traceback)'
+
+
+def cli_errors(fn):
+    """Decorator of a click command's function: every error becomes one line
+    'Error: ...' on stderr and exit status 1, without a traceback unless
+    debug_requested(). With debug, the exception a ClickException was made
+    from is raised again, so its traceback shows."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException as err:
+            cause = err.__cause__ or err.__context__
+            if debug_requested() and isinstance(cause, Exception):
+                raise cause from None
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as err:   # the last line of defence of a command-line tool
+            if debug_requested():
+                raise
+            raise click.ClickException(error_line(err)) from None
+    return wrapper
+

@@ -466,6 +466,8 @@ for name, call in [('stats_error', lambda: metrics.calculate_stats(failing_on_ra
         out[name] = str(err)
 with open(f'{out_dir}/rank{rank}.json', 'w') as f:
     json.dump(out, f)
+dist.barrier()
+dist.shutdown()   # tear gloo down before exit (exiting with it alive can abort the process)
 """
 
 

@@ -42,6 +42,13 @@ def init(device=None, timeout_s=None):
         kwargs = dict(backend=backend, init_method='env://', timeout=datetime.timedelta(seconds=timeout_s))
         if device.type == 'cuda':
             kwargs['device_id'] = device
+        restart = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+        if restart is not None:
+            # torchrun keeps one store across restarts: keys of the attempt before would be read as this one's.
+            store, rank, world_size = next(torch.distributed.rendezvous('env://', timeout=kwargs['timeout']))
+            kwargs.update(store=torch.distributed.PrefixStore(f'attempt{restart}/', store), rank=rank,
+                          world_size=world_size)
+            del kwargs['init_method']
         torch.distributed.init_process_group(**kwargs)
     return device
 

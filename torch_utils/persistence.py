@@ -137,8 +137,18 @@ def _reconstruct_persistent_obj(meta):
     return obj
 
 
+TRUST_NOTE = ('Note: loading a pickle runs the code inside it; only load .pkl files from sources you trust '
+              '(.safetensors snapshots hold no code).')
+_trust_note_shown = False
+
+
 def load_network_pickle(f):
     """Unpickle a network pickle (ours, EDM's or the official Patch Diffusion's)
-    from an open binary file. It runs the code embedded in the file."""
+    from an open binary file. It runs the code embedded in the file; the
+    first call of a process prints TRUST_NOTE."""
     import pickle
+    global _trust_note_shown
+    if not _trust_note_shown:
+        print(TRUST_NOTE, flush=True)
+        _trust_note_shown = True
     return pickle.load(f)

@@ -16,12 +16,14 @@ step comes from generators seeded by (seed, rank, step), so a resumed run
 continues exactly as if it had never stopped.
 """
 
+import contextlib
 import copy
 import json
 import os
 import pickle
 import re
 import time
+import zipfile
 
 import numpy as np
 import psutil
@@ -83,11 +85,16 @@ def step_seed(seed, rank, step):
 # ----------------------------------------------------------------------------
 # Files.
 
+SNAPSHOT_FORMATS = ('pkl', 'safetensors', 'both')
+
+
 def find_latest_state(run_dir):
     """Path of the newest readable training-state-*.pt in run_dir, or None.
 
-    A state that cannot be read (truncated by something outside this code:
-    our own writes are atomic) is skipped for the previous one, with a note.
+    States are named by whole kimg; a newer state of the same kimg replaces
+    the older one atomically, so the highest number is the newest. A state
+    that cannot be read (truncated by something outside this code: our own
+    writes are atomic) is skipped for the previous one, with a note.
     """
     if not os.path.isdir(run_dir):
         return None
@@ -95,7 +102,7 @@ def find_latest_state(run_dir):
     for _, name in reversed(states):
         path = os.path.join(run_dir, name)
         try:
-            load_state(path)
+            load_state(path, mmap=True)
         except ValueError as err:
             print(f'Skipping unreadable training state: {err}')
             continue
@@ -103,13 +110,40 @@ def find_latest_state(run_dir):
     return None
 
 
-def save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, extra=None):
-    """Write a network pickle in EDM's layout (plus our extra keys), atomically."""
+@contextlib.contextmanager
+def _writing(path):
+    """Turn an OSError while writing `path` (disk full, no permission) into
+    one that names the file and says that the files before it are intact."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, f'Cannot write {path}: {err.strerror or err}. The earlier snapshots and '
+                                 f'training states are untouched; free space or fix the folder, then run '
+                                 f'the same command again to resume') from err
+
+
+def save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, extra=None, snapshot_format='pkl'):
+    """Write a network snapshot, atomically: `path` (a .pkl in EDM's layout,
+    plus our extra keys) and/or, with snapshot_format 'safetensors' or
+    'both', the same name with .safetensors (loadable without unpickling).
+    Returns the paths written."""
+    if snapshot_format not in SNAPSHOT_FORMATS:
+        raise ValueError(f'snapshot_format={snapshot_format!r}; choose one of {", ".join(SNAPSHOT_FORMATS)}')
+    from training import sampling
     data = dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(), loss_fn=loss_fn,
                 augment_pipe=augment_pipe, dataset_kwargs=dnnlib.EasyDict(dataset_kwargs))
     data.update(extra or {})
-    with atomic_write(path) as f:
-        pickle.dump(data, f)
+    paths = []
+    if snapshot_format in ('pkl', 'both'):
+        with _writing(path), atomic_write(path) as f:
+            pickle.dump(data, f)
+        paths.append(path)
+    if snapshot_format in ('safetensors', 'both'):
+        st_path = os.path.splitext(path)[0] + '.safetensors'
+        with _writing(st_path):
+            sampling.save_network_safetensors(st_path, data['ema'], data)
+        paths.append(st_path)
+    return paths
 
 
 def save_state(path, trainer, cur_tick):
@@ -119,33 +153,69 @@ def save_state(path, trainer, cur_tick):
     (seed, rank, k), and `consumed` positions the data sampler.
     """
     state = dict(trainer.state_dict(), cur_tick=cur_tick, format='patch-diffusion-state-v1')
-    with atomic_path(path) as tmp:
+    with _writing(path), atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def transfer_weights(path_or_url, net):
-    """Copy the weights of the 'ema' network in a network pickle into `net` by name.
+    """Copy the weights of the network of a snapshot into `net` by name.
 
-    Works with our, EDM's and the official Patch Diffusion pickles (same
-    parameter names). Returns (copied, missing) names.
+    Works with our .pkl and .safetensors snapshots and EDM's and the
+    official Patch Diffusion pickles (same parameter names). Returns
+    (copied, missing) names. ValueError naming the file if it is not a
+    readable snapshot.
     """
-    from torch_utils import persistence
-    with dnnlib.util.open_url(path_or_url) as f:
-        data = persistence.load_network_pickle(f)
-    if not isinstance(data, dict) or not isinstance(data.get('ema'), torch.nn.Module):
-        raise ValueError(f'{path_or_url} is not a network pickle with an \'ema\' network')
-    return misc.copy_params_and_buffers(data['ema'], net)
+    from training import sampling
+    source, _ = sampling.load_network(path_or_url)
+    return misc.copy_params_and_buffers(source, net)
 
 
-def load_state(path):
+def load_state(path, mmap=False):
+    """A training state written by save_state, with weights_only=True (no code
+    runs). mmap=True maps the tensors instead of reading them: a cheap check
+    of a file's structure. ValueError naming the file if it is unreadable."""
+    advice = 'The file may be truncated; resume from an earlier training-state-*.pt with --resume'
+    if not os.path.isfile(path):
+        raise ValueError(f'Cannot read training state {path}: no such file')
+    if not zipfile.is_zipfile(path):   # torch.save writes a zip archive; its directory is at the end
+        raise ValueError(f'Cannot read training state {path}: not a complete torch.save archive. {advice}')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as err:
-        raise ValueError(f'Cannot read training state {path}: {err}. The file may be truncated; '
-                         f'resume from an earlier training-state-*.pt with --resume') from err
+        raise ValueError(f'Cannot read training state {path}: {" ".join(str(err).split())}. {advice}') from err
     if not isinstance(state, dict) or state.get('format') != 'patch-diffusion-state-v1':
         raise ValueError(f'{path} is not a training state written by this code')
     return state
+
+
+def run_on_rank0(fn):
+    """fn() on rank 0 alone, also a barrier. Returns its result on rank 0 and
+    None elsewhere. An error on rank 0 is raised on every rank (as a
+    RuntimeError on the others), so that no rank waits for it forever."""
+    result, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:   # raised again below, after the other ranks have been told
+            failure = err
+    message = dist.broadcast_object(None if failure is None else ' '.join(str(failure).split()))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f'Rank 0 failed: {message}')
+    return result
+
+
+def _test_exit_step(rank):
+    """TEST HOOK, inert unless PD_TEST_EXIT_AT='RANK:STEP' is set: the step
+    before which process RANK exits abruptly (os._exit(1)), as if killed, on
+    torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT unset or 0).
+    Returns that step for this rank, or None."""
+    spec = os.environ.get('PD_TEST_EXIT_AT')
+    if not spec or os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0':
+        return None
+    exit_rank, exit_step = (int(v) for v in spec.split(':'))
+    return exit_step if exit_rank == rank else None
 
 
 # ----------------------------------------------------------------------------
@@ -335,7 +405,7 @@ def training_loop(
     kimg_per_tick=50,
     snapshot_ticks=50,           # None = no snapshots
     state_dump_ticks=500,        # None = no training states
-    transfer_pkl=None,           # copy weights by name from this network pickle
+    transfer_pkl=None,           # copy weights by name from this network snapshot (.pkl or .safetensors)
     resume_state=None,           # training-state-*.pt to resume from
     cudnn_benchmark=True,
     max_bad_steps=20,            # steps with non-finite gradients tolerated before stopping
@@ -344,12 +414,19 @@ def training_loop(
     metric_kwargs=None,          # ref, num, detector for the metrics
     device=torch.device('cpu'),
     tensorboard=True,
+    snapshot_format='pkl',       # 'pkl' (EDM's), 'safetensors' or 'both'
     **trainer_kwargs,            # see Trainer
 ):
     """Train; write snapshots, states and logs to `run_dir`. Returns the EMA network."""
     start_time = time.time()
     device = torch.device(device)
     rank = dist.get_rank()
+    if snapshot_format not in SNAPSHOT_FORMATS:
+        raise ValueError(f'snapshot_format={snapshot_format!r}; choose one of {", ".join(SNAPSHOT_FORMATS)}')
+    if rank == 0:
+        stale = dnnlib.util.remove_stale_temp_files(run_dir)
+        if stale:
+            print(f'Removed {len(stale)} unfinished temporary files of an interrupted run: {", ".join(stale)}')
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -373,7 +450,7 @@ def training_loop(
         trainer.start_data()
 
     # Logs.
-    stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
+    stats_jsonl = os.path.join(run_dir, 'stats.jsonl') if rank == 0 else None
     writer = _tensorboard_writer(run_dir) if (rank == 0 and tensorboard) else None
     collector = training_stats.Collector(regex='.*', device=device)
     tick_start_nimg, tick_start_time = trainer.cur_nimg, time.time()
@@ -381,10 +458,13 @@ def training_loop(
     patch_counts = {}
     dist.print0(f'Training for {trainer.total_nimg / 1000:g} kimg...')
     dist.print0()
+    exit_step = _test_exit_step(rank)
 
     while True:
         done = trainer.cur_nimg >= trainer.total_nimg
         if not done:
+            if trainer.step_count == exit_step:
+                os._exit(1)
             P = trainer.step()
             patch_counts[P] = patch_counts.get(P, 0) + 1
             done = trainer.cur_nimg >= trainer.total_nimg
@@ -424,8 +504,8 @@ def training_loop(
         dist.print0('  '.join(fields))
         patch_counts = {}
         if stats_jsonl is not None:
-            stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
-            stats_jsonl.flush()
+            with _writing(stats_jsonl):
+                dnnlib.util.append_line(stats_jsonl, json.dumps(dict(stats, timestamp=time.time())))
         if writer is not None:
             for name, value in stats.items():
                 writer.add_scalar(name, value['mean'], global_step=int(cur_nimg / 1e3))
@@ -440,21 +520,22 @@ def training_loop(
         kimg_tag = f'{cur_nimg // 1000:06d}'
         latent = dict(trainer.encoder.info) if trainer.encoder is not None else None   # plain data, never the VAE
         if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
-            if rank == 0:
+            def write_snapshot():
                 save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), trainer.ema,
                               trainer.loss_fn, trainer.augment_pipe, trainer_kwargs.get('dataset_kwargs') or {},
                               extra=dict(patch_kwargs=dict(trainer_kwargs.get('patch_kwargs') or {}),
-                                         **({'latent': latent} if latent else {})))
+                                         **({'latent': latent} if latent else {})),
+                              snapshot_format=snapshot_format)
                 if sample_count:
                     _write_samples(trainer.ema, os.path.join(run_dir, f'samples-{kimg_tag}.png'), sample_count,
                                    device, latent)
+            run_on_rank0(write_snapshot)
             if metrics:
                 _run_metrics(trainer.ema, metrics, dict(metric_kwargs or {}, latent=latent), run_dir, kimg_tag, device)
-            dist.barrier()
+                dist.barrier()
         if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and trainer.step_count > 0:
-            if rank == 0:
-                save_state(os.path.join(run_dir, f'training-state-{kimg_tag}.pt'), trainer, cur_tick + 1)
-            dist.barrier()
+            run_on_rank0(lambda: save_state(os.path.join(run_dir, f'training-state-{kimg_tag}.pt'), trainer,
+                                         cur_tick + 1))
 
         cur_tick += 1
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
@@ -462,8 +543,6 @@ def training_loop(
         if done:
             break
 
-    if stats_jsonl is not None:
-        stats_jsonl.close()
     if writer is not None:
         writer.close()
     dist.print0()
@@ -473,7 +552,8 @@ def training_loop(
 
 def _write_samples(ema, path, count, device, latent=None):
     from training import sampling
-    sampling.sample_grid(ema, path, seeds=list(range(count)), device=device, latent=latent)
+    with _writing(path):
+        sampling.sample_grid(ema, path, seeds=list(range(count)), device=device, latent=latent)
 
 
 def _run_metrics(ema, metrics, metric_kwargs, run_dir, kimg_tag, device):
@@ -482,6 +562,7 @@ def _run_metrics(ema, metrics, metric_kwargs, run_dir, kimg_tag, device):
         result = metrics_lib.calc_metric_for_network(metric, ema, device=device, **metric_kwargs)
         if dist.get_rank() == 0:
             line = json.dumps(dict(metric=metric, results=result, snapshot_kimg=int(kimg_tag), timestamp=time.time()))
-            with open(os.path.join(run_dir, f'metric-{metric}.jsonl'), 'at') as f:
-                f.write(line + '\n')
+            path = os.path.join(run_dir, f'metric-{metric}.jsonl')
+            with _writing(path):
+                dnnlib.util.append_line(path, line)
             dist.print0(f'{metric}: {result}')
