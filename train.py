@@ -78,6 +78,10 @@ def build_config(opts, dataset):
     if opts.label_dropout:
         c.network_kwargs.label_dropout = opts.label_dropout
     c.loss_kwargs = dnnlib.EasyDict(loss=opts.precond)
+    if opts.P_mean is not None or opts.P_std is not None:
+        if opts.precond != 'edm':
+            raise click.ClickException('--P_mean and --P_std set the noise levels of --precond=edm only')
+        c.loss_kwargs.update({k: v for k, v in (('P_mean', opts.P_mean), ('P_std', opts.P_std)) if v is not None})
     c.optimizer_kwargs = dnnlib.EasyDict(lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
     c.augment_kwargs = None
     if opts.augment:
@@ -178,6 +182,8 @@ def next_run_dir(outdir, desc):
 @click.option('--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--attn', help='Resolutions with self-attention, e.g. 16 or 32,16 or none  [default: varies]', metavar='LIST', type=parse_int_list)
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--P_mean', 'P_mean', help='EDM loss: mean of ln(sigma)  [default: -1.2]', metavar='FLOAT', type=float)
+@click.option('--P_std', 'P_std', help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--lr-rampup', '--lr_rampup', 'lr_rampup', help='Learning-rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.13, show_default=True)

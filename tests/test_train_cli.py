@@ -252,6 +252,15 @@ def test_dry_run_prints_options_and_writes_nothing(shapes_zip, tmp_path, no_torc
     assert not outdir.exists()
 
 
+def test_edm_noise_level_distribution_flags(shapes_zip, tmp_path, no_torchrun_env):
+    base = [f'--outdir={tmp_path / "runs"}', f'--data={shapes_zip}', '--batch=8', '--dry-run'] + TINY_FLAGS
+    result = CliRunner().invoke(train.main, base + ['--P_mean=-0.4', '--P_std=1.4'])
+    assert result.exit_code == 0, result.output
+    assert resolved_options(result.output)['loss_kwargs'] == dict(loss='edm', P_mean=-0.4, P_std=1.4)
+    result = CliRunner().invoke(train.main, base + ['--precond=vp', '--P_mean=-0.4'])
+    assert_one_error_line(result, '--P_mean')
+
+
 def assert_one_error_line(result, *fragments):
     """Failed with a single 'Error:' line (no traceback) that contains `fragments`."""
     assert result.exit_code != 0

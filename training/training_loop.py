@@ -374,7 +374,7 @@ class Trainer:
 
         # Non-finite gradients skip the update (counted, never zeroed).
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads and bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if grads and bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):   # one fused norm per tensor list
             lr = self.base_lr
             if self.lr_rampup_kimg:
                 lr *= min(self.nimg_at(step) / (self.lr_rampup_kimg * 1000), 1)
