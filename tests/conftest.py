@@ -37,3 +37,12 @@ def subprocess_env():
 def python_exe():
     """The interpreter running the tests (the project's virtual environment)."""
     return sys.executable
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torch.distributed rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

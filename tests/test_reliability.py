@@ -24,7 +24,6 @@ import os
 import pickle
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -458,19 +457,12 @@ def test_pickle_trust_note_once_per_process(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------
 # Several processes (gloo on CPU).
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_a_dead_rank_makes_the_other_exit_quickly(shapes_zip, tmp_path, module_env):
+def test_a_dead_rank_makes_the_other_exit_quickly(shapes_zip, tmp_path, module_env, free_port):
     """Two processes without torchrun's agent; rank 1 exits abruptly before
     step 5: rank 0 stops with one error line instead of waiting for it."""
-    port = free_port()
     args = [sys.executable, TRAIN_PY] + train_args(tmp_path / 'runs', shapes_zip)
-    procs = [subprocess.Popen(args, env=dict(module_env, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE='2',
+    procs = [subprocess.Popen(args, env=dict(module_env, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port), WORLD_SIZE='2',
                                              RANK=str(rank), LOCAL_RANK=str(rank), PD_TEST_EXIT_AT='1:5'),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:

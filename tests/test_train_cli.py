@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 
@@ -348,19 +347,12 @@ def test_two_ranks_draw_the_same_patch_sizes(shapes_zip, tmp_path, subprocess_en
     assert r0['bad_steps'] == r1['bad_steps'] == 0
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_nodes_on_localhost(shapes_zip, tmp_path, subprocess_env):
+def test_two_nodes_on_localhost(shapes_zip, tmp_path, subprocess_env, free_port):
     """Two torchrun 'nodes' of one process each train together; rank 0 writes."""
     outdir = tmp_path / 'runs'
-    port = free_port()
     commands = [[sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={node}',
-                 '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={port}',
+                 '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={free_port}',
                  TRAIN_PY,
                  f'--outdir={outdir}', f'--data={shapes_zip}', '--batch=8', '--duration=0.0001', '--samples=0']
                 + TINY_FLAGS for node in (0, 1)]
