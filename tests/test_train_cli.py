@@ -135,6 +135,9 @@ def test_readme_command_runs(readme_run):
     assert options['batch_size'] == 8 and options['dataset_kwargs']['use_labels'] is False
     ticks = [line for line in (run_dir / 'log.txt').read_text().splitlines() if line.startswith('tick ')]
     assert len(ticks) >= 2 and all('patches 8:' in line for line in ticks)
+    summary = [line.split() for line in (run_dir / 'log.txt').read_text().splitlines()
+               if line.startswith(('model.enc.32x32_conv', 'Total'))]
+    assert summary[0][2:4] == ['-', '[4,'] and int(summary[1][1]) > 0     # EDM's network summary table
     assert 'Traceback' not in output
 
 

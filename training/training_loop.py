@@ -434,6 +434,8 @@ def training_loop(
     dist.print0('Loading dataset and constructing network...')
     trainer = Trainer(device=device, **trainer_kwargs)
     dist.print0(f'Patch sizes: {trainer.schedule.describe()}; images counted per step {trainer.nimg_per_step:g}')
+    if rank == 0:
+        _print_network_summary(trainer)
     cur_tick = 0
     if transfer_pkl is not None:
         copied, missing = transfer_weights(transfer_pkl, trainer.net)
@@ -548,6 +550,17 @@ def training_loop(
     dist.print0()
     dist.print0('Exiting...')
     return trainer.ema
+
+
+def _print_network_summary(trainer):
+    """EDM's table of the network's modules, parameters and output shapes (one full-size forward pass)."""
+    net, n = trainer.net, min(trainer.batch_gpu, 4)
+    R = trainer.schedule.resolution
+    x = torch.zeros([n, net.img_channels, R, R], device=trainer.device)
+    sigma = torch.ones([n], device=trainer.device)
+    labels = torch.zeros([n, net.label_dim], device=trainer.device)
+    with torch.no_grad():
+        misc.print_module_summary(net, [x, sigma, None, labels], max_nesting=2)
 
 
 def _write_samples(ema, path, count, device, latent=None):
