@@ -1,15 +1,14 @@
 """Tests of torch_utils.distributed (and the collective parts of misc and
 training_stats): a single process, and two gloo processes under torchrun."""
 
-import contextlib
 import json
 import subprocess
 import sys
 import time
 
 import numpy as np
-import psutil
 import pytest
+from proctools import kill_family
 import torch
 
 from torch_utils import distributed as dist
@@ -107,10 +106,7 @@ def _torchrun(script, args, env, timeout):
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        for member in family:   # the workers may sit in their own sessions
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.kill()
+        kill_family(proc)
         proc.communicate()
         pytest.fail(f'torchrun did not finish within {timeout} s (hang)')
     return proc.returncode, output

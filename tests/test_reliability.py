@@ -16,7 +16,6 @@
   uninterrupted 2-process run.
 """
 
-import contextlib
 import errno
 import glob
 import json
@@ -28,8 +27,8 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
+from proctools import kill_family
 import torch
 from click.testing import CliRunner
 
@@ -72,15 +71,6 @@ def train_args(outdir, data, *extra):
 def run_dir_of(outdir):
     (name,) = [d for d in os.listdir(outdir) if os.path.isdir(os.path.join(outdir, d))]
     return os.path.join(outdir, name)
-
-
-def kill_family(proc):
-    """SIGKILL a process and its descendants."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        for member in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.kill()
 
 
 def run(command, env, timeout=180):

@@ -2,7 +2,6 @@
 errors) and of multi-process training: two gloo ranks under torchrun, and
 two one-process "nodes" on 127.0.0.1. All on CPU with tiny networks."""
 
-import contextlib
 import json
 import os
 import pickle
@@ -11,8 +10,8 @@ import sys
 
 import numpy as np
 import PIL.Image
-import psutil
 import pytest
+from proctools import kill_family
 import torch
 from click.testing import CliRunner
 
@@ -50,15 +49,6 @@ def unlabelled_zip(data_dir, resolution):
     path = data_dir / f'plain-{resolution}x{resolution}.zip'
     dataset_tool.convert_dataset(str(folder), str(path))
     return str(path)
-
-
-def kill_family(proc):
-    """Kill a process and all its descendants (torchrun workers may sit in their own sessions)."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        for member in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.kill()
 
 
 def run_all(commands, env, timeout):
