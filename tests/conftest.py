@@ -42,7 +42,5 @@ def python_exe():
 @pytest.fixture
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on now (for torch.distributed rendezvous)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    from proctools import free_port as pick
+    return pick()

@@ -12,3 +12,11 @@ def kill_family(proc):
         for member in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torch.distributed rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
