@@ -2,13 +2,12 @@
 training_stats): a single process, and two gloo processes under torchrun."""
 
 import json
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from proctools import kill_family
+from proctools import run_all
 import torch
 
 from torch_utils import distributed as dist
@@ -101,15 +100,7 @@ def _torchrun(script, args, env, timeout):
     On a timeout torchrun and all its descendants are killed
     and the test fails: a hang must not leave processes behind.
     """
-    proc = subprocess.Popen(TORCHRUN + [str(script)] + [str(a) for a in args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_family(proc)
-        proc.communicate()
-        pytest.fail(f'torchrun did not finish within {timeout} s (hang)')
-    return proc.returncode, output
+    return run_all([TORCHRUN + [str(script)] + [str(a) for a in args]], env, timeout)[0]
 
 
 @pytest.mark.slow

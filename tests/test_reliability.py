@@ -28,7 +28,7 @@ import sys
 import time
 
 import pytest
-from proctools import kill_family
+from proctools import kill_family, run_all
 import torch
 from click.testing import CliRunner
 
@@ -75,14 +75,7 @@ def run_dir_of(outdir):
 
 def run(command, env, timeout=180):
     """(returncode, output) of a command; fails the test on a timeout (a hang)."""
-    proc = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_family(proc)
-        proc.communicate()
-        pytest.fail(f'{command[:4]} did not finish within {timeout} s (hang)')
-    return proc.returncode, output
+    return run_all([command], env, timeout)[0]
 
 
 def final_weights(run_dir):

@@ -5,14 +5,13 @@ two one-process "nodes" on 127.0.0.1. All on CPU with tiny networks."""
 import json
 import os
 import pickle
-import subprocess
 import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 import proctools
-from proctools import kill_family
+from proctools import run_all
 import torch
 from click.testing import CliRunner
 
@@ -50,24 +49,6 @@ def unlabelled_zip(data_dir, resolution):
     path = data_dir / f'plain-{resolution}x{resolution}.zip'
     dataset_tool.convert_dataset(str(folder), str(path))
     return str(path)
-
-
-def run_all(commands, env, timeout):
-    """Run `commands` at the same time; returns [(returncode, output)]. On a
-    timeout every process tree is killed and the test fails (a hang)."""
-    procs = [subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for cmd in commands]
-    results = []
-    try:
-        for proc in procs:
-            output, _ = proc.communicate(timeout=timeout)
-            results.append((proc.returncode, output))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            kill_family(proc)
-            proc.communicate()
-        pytest.fail(f'{commands[0][:5]} did not finish within {timeout} s (hang)')
-    return results
 
 
 def run_train(args, env, timeout=120):
