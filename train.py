@@ -98,7 +98,8 @@ def build_config(opts, dataset):
              loss_scaling=opts.ls, cudnn_benchmark=opts.bench, kimg_per_tick=opts.tick,
              snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
              precision='bf16' if opts.bf16 else 'fp32', max_bad_steps=opts.max_bad_steps,
-             sample_count=opts.samples, device=opts.device_name, snapshot_format=opts.snapshot_format)
+             sample_count=opts.samples, device=opts.device_name, snapshot_format=opts.snapshot_format,
+             channels_last=opts.channels_last, compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile_net else None)
     if opts.metrics:
         c.metrics = [opts.metrics]
         c.metric_kwargs = dnnlib.EasyDict(ref=opts.metric_ref, num=opts.metric_num)
@@ -194,6 +195,8 @@ def next_run_dir(outdir, desc):
 # Performance-related.
 @click.option('--fp16', help='Run the network in fp16 (CUDA)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--bf16', help='bf16 autocast (CUDA)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--channels-last', '--channels_last', 'channels_last', help='Network weights and inputs in channels-last memory format (faster convolutions on recent GPUs)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--compile', 'compile_net', help='torch.compile the network: one graph per patch shape, compiled at its first step (CUDA; minutes per shape on CPU)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True, show_default=True)

@@ -37,7 +37,7 @@ from training.dataset import ImageFolderDataset  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """A benchmark configuration. `data`: 'demo' (demo shapes made on the fly)
-    or 'random' (random uint8 tensors of the latent shape, in memory)."""
+    or 'random' (random latent statistics in memory: RandomLatentDataset)."""
     arch: str
     resolution: int
     channels: int
@@ -72,26 +72,33 @@ def network_kwargs(preset, use_fp16=False):
 # Data.
 
 
-class RandomImageDataset(torch.utils.data.Dataset):
-    """`count` random uint8 images [C, R, R] held in memory, without labels.
+class RandomLatentDataset(torch.utils.data.Dataset):
+    """`count` random posterior statistics (mean, std) float32 [2, C, R, R] in
+    memory, without labels: a stand-in for a pre-encoded latent archive
+    (training.dataset.LatentDataset, same item layout and attributes), so
+    throughput runs need neither a VAE nor a download. The values do not
+    change the work of a step."""
 
-    Stands in for pre-encoded latents in throughput runs: the tensors have
-    the latent shape; their values do not change the work of a step.
-    """
+    is_latent = True
 
     def __init__(self, count, channels, resolution, seed=0):
         rng = np.random.default_rng(seed)
-        self.images = rng.integers(0, 256, size=(count, channels, resolution, resolution), dtype=np.uint8)
+        mean = rng.standard_normal(size=(count, 1, channels, resolution, resolution), dtype=np.float32) * 5
+        std = np.full_like(mean, 0.1)
+        self.stats = np.concatenate([mean, std], axis=1)
         self.resolution = resolution
         self.num_channels = channels
         self.label_dim = 0
-        self.name = f'random-{channels}x{resolution}x{resolution}'
+        self.vae = 'random-latents'
+        self.scale_factor = 0.18215
+        self.image_resolution = resolution * 8
+        self.name = f'random-latents-{channels}x{resolution}x{resolution}'
 
     def __len__(self):
-        return len(self.images)
+        return len(self.stats)
 
     def __getitem__(self, idx):
-        return self.images[idx].copy(), np.zeros([0], dtype=np.float32)
+        return self.stats[idx].copy(), np.zeros([0], dtype=np.float32)
 
 
 def build_demo_dataset(dest, resolution, count=2000):
@@ -102,9 +109,9 @@ def build_demo_dataset(dest, resolution, count=2000):
 
 def open_dataset(preset, data, workdir, use_labels=False, max_size=None, demo_count=2000):
     """The benchmark's dataset: `data` (a zip or folder), or the preset's
-    default made in `workdir` (demo shapes, or random latent-shaped tensors)."""
+    default made in `workdir` (demo shapes, or random latent statistics)."""
     if data is None and preset.data == 'random':
-        return RandomImageDataset(max_size or demo_count, preset.channels, preset.resolution)
+        return RandomLatentDataset(max_size or demo_count, preset.channels, preset.resolution)
     if data is None:
         data = build_demo_dataset(os.path.join(workdir, f'demo-shapes-{preset.resolution}.zip'), preset.resolution,
                                   demo_count)
@@ -146,6 +153,29 @@ def machine_info(device):
     if device.type == 'cuda':
         info['device_name'] = torch.cuda.get_device_name(device)
     return info
+
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets,
+# by a substring of torch.cuda.get_device_name(). fp32 is the non-tensor-core rate
+# (training_loop turns TF32 off). The first match wins: specific names first.
+PEAK_TFLOPS = (
+    ('H100 PCIe', dict(bf16=756.0, fp16=756.0, fp32=51.2)),
+    ('H100 NVL', dict(bf16=835.0, fp16=835.0, fp32=60.0)),
+    ('H100', dict(bf16=989.4, fp16=989.4, fp32=66.9)),        # SXM5 (e.g. 'NVIDIA H100 80GB HBM3')
+    ('H200', dict(bf16=989.4, fp16=989.4, fp32=66.9)),
+    ('A100', dict(bf16=312.0, fp16=312.0, fp32=19.5)),
+    ('L40S', dict(bf16=362.0, fp16=362.0, fp32=91.6)),
+    ('RTX 4090', dict(bf16=165.2, fp16=165.2, fp32=82.6)),
+    ('V100', dict(bf16=None, fp16=125.0, fp32=15.7)),
+)
+
+
+def peak_tflops(device_name, precision):
+    """The card's peak TFLOP/s for `precision` ('fp32', 'bf16', 'fp16'), or None if unknown."""
+    for key, peaks in PEAK_TFLOPS:
+        if key in (device_name or ''):
+            return peaks.get(precision)
+    return None
 
 
 def describe_machine(info):

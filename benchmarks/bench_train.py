@@ -34,7 +34,7 @@ import click
 import torch
 
 import bench_common as common
-from bench_common import float_key, gib
+from bench_common import float_key, gib, peak_tflops
 from training.training_loop import Trainer
 
 WARMUP_EXTRA_CAP = 10   # extra warm-up steps allowed to see every patch size once
@@ -46,7 +46,7 @@ EXTRA_ROUNDS_CAP = 4    # extra rounds allowed to time every patch size once
 
 
 def make_trainers(preset, dataset, real_ps, precision='fp32', batch=None, batch_gpu=None, device='cpu', seed=0,
-                  workers=0):
+                  workers=0, channels_last=False, compile_net=False):
     """{real_p: Trainer} on one shared dataset, with the preset's network and batch."""
     batch = batch or preset.batch
     batch_gpu = batch_gpu or preset.batch_gpu
@@ -61,7 +61,7 @@ def make_trainers(preset, dataset, real_ps, precision='fp32', batch=None, batch_
             loss_kwargs=dict(loss='edm'), optimizer_kwargs=dict(lr=preset.lr, betas=(0.9, 0.999), eps=1e-8),
             patch_kwargs=dict(real_p=real_p, latent=preset.latent), seed=seed, batch_size=batch,
             batch_gpu=batch_gpu, total_kimg=1e6, precision='bf16' if precision == 'bf16' else 'fp32',
-            device=device)
+            device=device, channels_last=channels_last, compile_kwargs=dict(dynamic=False) if compile_net else None)
     return trainers
 
 
@@ -163,6 +163,46 @@ def summarize(trainers, records, memory):
     return rows, sec_by_patch, steps_by_patch
 
 
+def step_flops(trainer, P):
+    """Model FLOPs of one optimizer step at patch size P (forward and backward
+    of every accumulation round: batch_gpu * m patches each), counted by
+    torch.utils.flop_counter on the uncompiled network with the trainer's
+    loss and precision. Matrix products and convolutions only (what the
+    tensor cores do); a multiply-add counts 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from training import patching
+    net, device = trainer.net, trainer.device
+    n = trainer.batch_gpu * trainer.schedule.multiplier(P)
+    y = torch.rand([n, net.img_channels, P, P], device=device) * 2 - 1
+    pos = patching.full_grid(P, n, device) if net.use_pos else None
+    labels = torch.zeros([n, net.label_dim], device=device) if net.label_dim else None
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(**trainer.autocast):
+            loss = trainer.loss_fn(net=net, y=y, pos=pos, labels=labels)
+        loss.sum().backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() * trainer.num_rounds
+
+
+def add_flops(rows, trainers, precision, device_name, peak=None):
+    """Add model TFLOP per step (the expectation over the patch sizes), the
+    achieved TFLOP/s and its fraction of the card's peak to each row."""
+    by_patch = {}
+    for trainer in trainers.values():
+        for P in trainer.schedule.sizes:
+            if P not in by_patch:
+                by_patch[P] = step_flops(trainer, P)
+    peak = peak or peak_tflops(device_name, precision)
+    for key, trainer in trainers.items():
+        row = rows[key]
+        flops = sum(q * by_patch[P] for P, q in zip(trainer.schedule.sizes, trainer.schedule.probs))
+        row['tflop_per_step'] = flops / 1e12
+        row['achieved_tflops'] = flops / row['sec_per_step'] / 1e12 if row['sec_per_step'] else None
+        row['peak_tflops'] = peak
+        row['peak_fraction'] = row['achieved_tflops'] / peak if peak and row['achieved_tflops'] else None
+    return {P: f / 1e12 for P, f in sorted(by_patch.items())}
+
+
 def profile_patch_sizes(trainer, device, top=12, max_steps=30):
     """Profile steps of `trainer` with torch.profiler until each patch size was
     profiled once; returns {P: table text} of the `top` ops by self time."""
@@ -205,6 +245,10 @@ def print_report(rows, sec_by_patch, steps_by_patch, mem_kind):
               f'{_fmt(row["sec_per_step_drawn"], ".4f")} s/step, ratio {_fmt(row["ratio_drawn"], ".2f", "x")}, '
               f'{row["steps"]} steps ({patches}) | {mem_label} {row["peak_mem_gb"]:.3f} GiB '
               f'(+{row["step_mem_gb"]:.3f} in steps)')
+        if 'tflop_per_step' in row:
+            peak = f', {_fmt(row["peak_fraction"], ".1%")} of {row["peak_tflops"]:g}' if row['peak_tflops'] else ''
+            print(f'    model {row["tflop_per_step"]:.3f} TFLOP/step, {_fmt(row["achieved_tflops"], ".1f")} TFLOP/s'
+                  f'{peak}')
 
 
 def build_summary(preset_name, precision, info, rows, sec_by_patch, steps_by_patch, mem_kind, settings):
@@ -219,6 +263,9 @@ def build_summary(preset_name, precision, info, rows, sec_by_patch, steps_by_pat
                    sec_per_step_by_patch={str(P): s for P, s in sec_by_patch.items()},
                    steps_by_patch={str(P): n for P, n in steps_by_patch.items()},
                    peak_mem_gb=per_config('peak_mem_gb'), step_mem_gb=per_config('step_mem_gb'), mem_kind=mem_kind)
+    if all('tflop_per_step' in row for row in rows.values()):
+        summary.update(tflop_per_step=per_config('tflop_per_step'), achieved_tflops=per_config('achieved_tflops'),
+                       peak_tflops=next(iter(rows.values()))['peak_tflops'], peak_fraction=per_config('peak_fraction'))
     summary.update(settings)
     summary.update(info, loadavg_end=[round(x, 2) for x in os.getloadavg()])
     return summary
@@ -248,11 +295,18 @@ def build_summary(preset_name, precision, info, rows, sec_by_patch, steps_by_pat
 @click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True,
               help='DataLoader worker processes per configuration')
 @click.option('--seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--channels-last', 'channels_last', is_flag=True, help='Network in channels-last memory format')
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (one graph per patch shape, '
+              'compiled in the warm-up)')
+@click.option('--flops/--no-flops', default=True, show_default=True,
+              help='Count the model FLOPs per step and report TFLOP/s and the fraction of the card\'s peak')
+@click.option('--peak-tflops', 'peak', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+              help='The card\'s peak TFLOP/s for --precision  [default: from a table of known cards]')
 @click.option('--profile', is_flag=True, help='Also profile one step per patch size (torch.profiler) and print the '
               'top costs')
 @click.option('--json', 'json_path', metavar='PATH', type=str, help='Also write the JSON summary to this file')
 def main(preset, data, max_size, real_p, precision, batch, batch_gpu, rounds, block, warmup, device_name, threads,
-         workers, seed, profile, json_path):
+         workers, seed, channels_last, compile_net, flops, peak, profile, json_path):
     """Training throughput (kimg/s) for several real_p, alternating configurations."""
     try:
         real_ps = common.parse_float_list(real_p)
@@ -274,7 +328,8 @@ def main(preset, data, max_size, real_p, precision, batch, batch_gpu, rounds, bl
     with tempfile.TemporaryDirectory(prefix='bench-train-') as workdir:
         try:
             dataset = common.open_dataset(chosen, data, workdir, max_size=max_size)
-            trainers = make_trainers(chosen, dataset, real_ps, precision, batch, batch_gpu, device, seed, workers)
+            trainers = make_trainers(chosen, dataset, real_ps, precision, batch, batch_gpu, device, seed, workers,
+                                     channels_last, compile_net)
         except (OSError, ValueError) as err:
             raise click.ClickException(str(err)) from None
         first = next(iter(trainers.values()))
@@ -289,6 +344,7 @@ def main(preset, data, max_size, real_p, precision, batch, batch_gpu, rounds, bl
               f'rounds, until each patch size was timed)...', flush=True)
         records, memory = measure(trainers, rounds, block, device)
         rows, sec_by_patch, steps_by_patch = summarize(trainers, records, memory)
+        tflop_by_patch = add_flops(rows, trainers, precision, info.get('device_name'), peak) if flops else None
         mem_kind = next(iter(memory.values())).kind
         print_report(rows, sec_by_patch, steps_by_patch, mem_kind)
         if profile:
@@ -298,7 +354,9 @@ def main(preset, data, max_size, real_p, precision, batch, batch_gpu, rounds, bl
     settings = dict(batch=first.batch_gpu_total, batch_gpu=first.batch_gpu, resolution=dataset.resolution,
                     channels=dataset.num_channels, arch=chosen.arch, params=params, rounds=rounds,
                     rounds_run=records[-1]['round'] + 1, block=block,
-                    warmup=warmup, workers=workers, seed=seed)
+                    warmup=warmup, workers=workers, seed=seed, channels_last=channels_last, compile=compile_net)
+    if tflop_by_patch:
+        settings['tflop_per_step_by_patch'] = {str(P): f for P, f in tflop_by_patch.items()}
     summary = build_summary(preset, precision, info, rows, sec_by_patch, steps_by_patch, mem_kind, settings)
     common.emit_summary(summary, json_path)
 

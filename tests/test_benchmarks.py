@@ -129,6 +129,32 @@ def test_bench_train_cli_prints_a_json_summary(shapes_zip):
     assert summary['mem_kind'] == 'cpu_rss'
 
 
+def test_step_flops_follow_the_patch_work(shapes_zip):
+    """A patch step of m = R/P batches of P x P patches does P/R of the convolution
+    work of a full-image step (the per-image embedding layers add a little)."""
+    dataset = bench_common.open_dataset(bench_common.PRESETS['cpu-small'], shapes_zip, None)
+    trainers = bench_train.make_trainers(bench_common.PRESETS['cpu-small'], dataset, [0.5], batch=2)
+    trainer = trainers[0.5]
+    flops = {P: bench_train.step_flops(trainer, P) for P in trainer.schedule.sizes}
+    assert flops[32] > 1e9   # a 1.7M-parameter DDPM++ at 32x32: about 1.2 GFLOP per image, x3 with backward
+    assert flops[16] / flops[32] == pytest.approx(0.5, rel=0.05)
+    assert flops[8] / flops[32] == pytest.approx(0.25, rel=0.05)
+    assert all(p.grad is None for p in trainer.net.parameters())   # counting leaves no gradients behind
+    rows = {0.5: dict(sec_per_step=2.0)}
+    bench_train.add_flops(rows, trainers, 'bf16', 'NVIDIA H100 80GB HBM3')
+    expected = sum(q * flops[P] for P, q in zip(trainer.schedule.sizes, trainer.schedule.probs))
+    assert rows[0.5]['tflop_per_step'] == pytest.approx(expected / 1e12)
+    assert rows[0.5]['peak_fraction'] == pytest.approx(expected / 2.0 / 989.4e12)
+
+
+def test_peak_table_matches_specific_names_first():
+    assert bench_common.peak_tflops('NVIDIA H100 PCIe', 'bf16') == 756.0
+    assert bench_common.peak_tflops('NVIDIA H100 80GB HBM3', 'bf16') == 989.4
+    assert bench_common.peak_tflops('NVIDIA H200', 'fp32') == 66.9
+    assert bench_common.peak_tflops('Some New Card', 'bf16') is None
+    assert bench_common.peak_tflops(None, 'bf16') is None
+
+
 def test_bench_train_rejects_fp16_on_cpu(shapes_zip):
     result = CliRunner().invoke(bench_train.main, ['--data', shapes_zip, '--precision', 'fp16', '--device', 'cpu'])
     assert result.exit_code != 0 and 'CUDA only' in result.output

@@ -201,6 +201,85 @@ def test_gradient_accumulation_matches_one_round(shapes_zip):
         assert (p.grad - q.grad).norm() <= 1e-5 * p.grad.norm(), name
 
 
+def test_loss_scaling_is_undone(shapes_zip):
+    """--ls scales the loss for fp16 gradients; the update is that of the
+    unscaled loss. Adam's eps = 1 makes the update depend on the gradient's
+    scale (lr * g for small g), so a scale left in would show."""
+    def run(ls, undo=True):
+        t = make_trainer(shapes_zip, batch_size=4, loss_scaling=ls, patch_kwargs=dict(real_p=1.0),
+                         optimizer_kwargs=dict(eps=1.0))
+        t.loss_fn = deterministic_loss
+        if not undo:
+            t.grad_scale = None
+        t.step()
+        t.step()
+        return t
+    plain, scaled, not_undone = run(1), run(256), run(256, undo=False)
+    for (name, p), q in zip(plain.net.named_parameters(), scaled.net.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert not tensors_equal(plain.net, not_undone.net)
+    moved = [(p - q).abs().max() for p, q in zip(plain.net.parameters(), not_undone.net.parameters())]
+    assert max(moved) > 1e-4
+
+
+def test_channels_last_trains_the_same(shapes_zip, tmp_path):
+    """channels_last changes the memory layout only: same steps, same weights
+    (to float rounding), and snapshots are written in the standard layout."""
+    plain = make_trainer(shapes_zip, patch_kwargs=dict(real_p=0.5))
+    fast = make_trainer(shapes_zip, patch_kwargs=dict(real_p=0.5), channels_last=True)
+    conv = fast.net.model.enc['32x32_conv'].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    sizes = []
+    for _ in range(4):
+        sizes.append((plain.step(), fast.step()))
+        # Same data, noise and patches: the gradients agree to float rounding (per tensor, relative
+        # to its norm; Adam's sign-like first steps amplify rounding in the weights themselves).
+        for (name, p), q in zip(plain.net.named_parameters(), fast.net.parameters()):
+            assert (p.grad - q.grad).norm() <= 1e-3 * p.grad.norm(), name
+    assert all(a == b for a, b in sizes) and len({a for a, _ in sizes}) > 1, sizes
+    path = tmp_path / 'network-snapshot-000000.pkl'
+    tl.save_snapshot(str(path), fast.ema, fast.loss_fn, None, {})
+    with open(path, 'rb') as f:
+        saved = pickle.load(f)['ema']
+    assert all(p.is_contiguous() for p in saved.parameters())
+    torch.testing.assert_close(dict(saved.named_parameters())['model.enc.32x32_conv.weight'],
+                               fast.ema.model.enc['32x32_conv'].weight)
+
+
+def test_bf16_autocast_steps_track_fp32(shapes_zip):
+    """precision='bf16' (--bf16=1) runs the steps under bf16 autocast, here
+    on CPU: the first step's loss is the fp32 one to bf16 accuracy, and the
+    weights stay float32."""
+    def first_loss(precision):
+        trainer = make_trainer(shapes_zip, precision=precision, patch_kwargs=dict(real_p=1.0))
+        collector = training_stats.Collector(regex='Loss/loss')
+        collector.update()
+        trainer.step()
+        collector.update()
+        assert all(p.dtype == torch.float32 for p in trainer.net.parameters())
+        return collector.mean('Loss/loss'), trainer
+    fp32, _ = first_loss('fp32')
+    bf16, trainer = first_loss('bf16')
+    assert trainer.autocast['enabled'] and trainer.autocast['dtype'] == torch.bfloat16
+    assert np.isfinite(bf16) and bf16 != fp32
+    assert abs(bf16 - fp32) <= 0.03 * fp32
+
+
+def test_compiled_network_trains_the_same(shapes_zip):
+    """compile_kwargs wraps the network in torch.compile (here with the 'eager'
+    backend: the graph capture without code generation, seconds on CPU);
+    the parameters trained are those of trainer.net, and the steps equal the
+    uncompiled ones."""
+    plain = make_trainer(shapes_zip, batch_size=4)
+    compiled = make_trainer(shapes_zip, batch_size=4, compile_kwargs=dict(backend='eager', dynamic=False))
+    assert isinstance(compiled.ddp, torch._dynamo.eval_frame.OptimizedModule)
+    sizes = [(plain.step(), compiled.step()) for _ in range(4)]
+    assert all(a == b for a, b in sizes), sizes
+    for (name, p), q in zip(plain.net.named_parameters(), compiled.net.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert not tensors_equal(compiled.net, make_trainer(shapes_zip, batch_size=4).net)   # it did train
+
+
 class NaNAt:
     """Wraps a loss; returns NaN on the given (0-based) steps of `trainer`."""
 
@@ -217,11 +296,15 @@ def test_nan_step_is_skipped_and_counted(shapes_zip):
     trainer.loss_fn = NaNAt(trainer, {2})
     trainer.step()
     trainer.step()
+    assert trainer.bad_steps == 0 and trainer.last_bad_step is None
     before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    moments = {k: {n: t.clone() for n, t in v.items()} for k, v in trainer.optimizer.state_dict()['state'].items()}
     trainer.step()
-    assert trainer.bad_steps == 1 and trainer.step_count == 3
+    assert trainer.bad_steps == 1 and trainer.step_count == 3 and trainer.last_bad_step == 2
     assert_same_tensors(before, trainer.net.state_dict())
     assert all(s['step'] == 2 for s in trainer.optimizer.state_dict()['state'].values())   # Adam skipped
+    for key, value in moments.items():   # its moments untouched
+        assert_same_tensors(value, trainer.optimizer.state_dict()['state'][key])
     assert all(torch.isfinite(p).all() for p in trainer.ema.parameters())
     trainer.step()
     assert trainer.bad_steps == 1

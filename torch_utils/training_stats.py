@@ -1,7 +1,8 @@
 """Statistics gathered during training and reduced across ranks.
 
 `report(name, value)` adds scalars or tensor elements to running sums
-(count, sum, sum of squares, in float64 on the value's device: no host sync).
+(the count on the host; sum and sum of squares in float64 on the value's
+device: no host-device sync).
 A `Collector` turns the sums accumulated since its last `update()` into
 mean/std per name, summed over all ranks, at tick boundaries.
 """
@@ -13,19 +14,24 @@ import torch
 
 from . import distributed as dist
 
-_sums = {}   # name -> tensor [3] float64: count, sum, sum of squares
+_sums = {}   # name -> [count (int, host), tensor [2] float64 (sum, sum of squares) on the value's device]
 
 
 def report(name, value):
     """Accumulate `value` (number or tensor, every element counts) under `name`.
 
-    Returns `value` unchanged so it can be used inline.
+    The element count stays on the host and the sums on the value's device,
+    so a report never waits for the device. Returns `value` unchanged.
     """
     elems = torch.as_tensor(value).detach().flatten().to(torch.float64)
     if elems.numel():
-        moments = torch.stack([elems.new_tensor(float(elems.numel())), elems.sum(), elems.square().sum()])
+        sums = torch.stack([elems.sum(), elems.square().sum()])
         prev = _sums.get(name)
-        _sums[name] = moments if prev is None else prev.to(moments.device) + moments
+        if prev is None:
+            _sums[name] = [elems.numel(), sums]
+        else:
+            prev[0] += elems.numel()
+            prev[1] = prev[1] + sums.to(prev[1].device)
     return value
 
 
@@ -56,8 +62,13 @@ class Collector:
         if not names:
             self._moments = {}
             return
-        stacked = torch.stack([_sums.pop(name).to(device) if name in _sums else torch.zeros(3, dtype=torch.float64, device=device)
-                               for name in names])
+        rows = []
+        for name in names:
+            count, sums = _sums.pop(name, (0, None))
+            count = torch.tensor([float(count)], dtype=torch.float64, device=device)
+            sums = sums.to(device) if sums is not None else torch.zeros(2, dtype=torch.float64, device=device)
+            rows.append(torch.cat([count, sums]))
+        stacked = torch.stack(rows)
         dist.all_reduce_sum(stacked)
         values = stacked.cpu().numpy()
         self._moments = {name: values[i] for i, name in enumerate(names)}

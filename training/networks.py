@@ -720,7 +720,7 @@ class _Precond(torch.nn.Module):
         if coords is not None:
             x_in = torch.cat([x_in, coords], dim=1)
         F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, augment_labels=augment_labels)
-        assert F_x.dtype == dtype
+        assert F_x.dtype == dtype or torch.is_autocast_enabled(x.device.type)   # autocast (bf16) picks its own
         return c_skip * x + c_out * F_x.to(torch.float32)
 
     def round_sigma(self, sigma):

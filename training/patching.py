@@ -121,7 +121,9 @@ def full_grid(resolution, batch_size=1, device='cpu', dtype=torch.float32):
 def random_corners(batch_size, resolution, size, generator=None, device='cpu'):
     """Uniform top-left corners (top, left) in [0, R - P], each [N] long."""
     corners = torch.randint(0, resolution - size + 1, (2, batch_size), generator=generator)
-    return corners[0].to(device), corners[1].to(device)
+    if torch.device(device).type == 'cuda':
+        corners = corners.pin_memory().to(device, non_blocking=True)   # no wait for the device
+    return corners[0], corners[1]
 
 
 def crop(images, top, left, size):

@@ -130,7 +130,8 @@ def save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, extra=None, 
     if snapshot_format not in SNAPSHOT_FORMATS:
         raise ValueError(f'snapshot_format={snapshot_format!r}; choose one of {", ".join(SNAPSHOT_FORMATS)}')
     from training import sampling
-    data = dict(ema=copy.deepcopy(ema).eval().requires_grad_(False).cpu(), loss_fn=loss_fn,
+    ema = copy.deepcopy(ema).eval().requires_grad_(False).cpu().to(memory_format=torch.contiguous_format)
+    data = dict(ema=ema, loss_fn=loss_fn,
                 augment_pipe=augment_pipe, dataset_kwargs=dnnlib.EasyDict(dataset_kwargs))
     data.update(extra or {})
     paths = []
@@ -235,11 +236,17 @@ class _Batches:
         self._iter = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
                                                       **data_loader_kwargs))
 
-    def take(self, count):
-        """`count` batches concatenated: (images uint8 [count*b, C, H, W], labels)."""
+    def take(self, count, device=torch.device('cpu')):
+        """`count` batches concatenated on `device`: (images uint8 [count*b, C, H, W], labels).
+
+        Each batch is copied on its own, so that batches the loader pinned
+        travel to a GPU without the host waiting, and are joined there.
+        """
         parts = [next(self._iter) for _ in range(count)]
         self.consumed += count * self.batch_gpu
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        images = [p[0].to(device, non_blocking=True) for p in parts]
+        labels = [p[1].to(device, non_blocking=True) for p in parts]
+        return torch.cat(images), torch.cat(labels)
 
 
 def _tensorboard_writer(run_dir):
@@ -262,7 +269,7 @@ class Trainer:
                  optimizer_kwargs=None, augment_kwargs=None, patch_kwargs=None, seed=0, batch_size=512,
                  batch_gpu=None, total_kimg=200000, ema_halflife_kimg=500, ema_rampup_ratio=0.05,
                  lr_rampup_kimg=10000, loss_scaling=1, precision='fp32', device=torch.device('cpu'),
-                 latent_kwargs=None, dataset=None):
+                 latent_kwargs=None, dataset=None, channels_last=False, compile_kwargs=None):
         self.device = device = torch.device(device)
         rank, world = dist.get_rank(), dist.get_world_size()
         self.seed, self.rank = seed, rank
@@ -298,13 +305,20 @@ class Trainer:
 
         torch.manual_seed(seed)   # the same initial weights on every rank and in every run with this seed
         self.net = build_network(network_kwargs, resolution, channels, self.dataset.label_dim)
-        self.net.train().requires_grad_(True).to(device)
+        self.channels_last = bool(channels_last)
+        # Inputs stay as they are (the noise drawn for them keeps its values): a convolution
+        # with channels-last weights returns channels-last activations from the first layer on.
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.net.train().requires_grad_(True).to(device, memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = build_loss(loss_kwargs)
         self.augment_pipe = build_augment_pipe(augment_kwargs)
-        fused = device.type == 'cuda'
-        self.optimizer = torch.optim.Adam(self.net.parameters(), fused=fused, foreach=None if fused else True,
-                                          **optimizer_kwargs)
+        # Fused Adam skips a step with non-finite gradients on the device (found_inf) and
+        # undoes the loss scaling (grad_scale) in its kernel: the step never waits for the device.
+        self.optimizer = torch.optim.Adam(self.net.parameters(), fused=True, **optimizer_kwargs)
+        self.grad_scale = torch.full((), float(loss_scaling), device=device) if loss_scaling != 1 else None
+        self._bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self._last_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.base_lr = optimizer_kwargs['lr']
         self.ema_halflife_kimg, self.ema_rampup_ratio = ema_halflife_kimg, ema_rampup_ratio
         self.lr_rampup_kimg, self.loss_scaling = lr_rampup_kimg, loss_scaling
@@ -313,11 +327,22 @@ class Trainer:
         if world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
+        if compile_kwargs is not None:   # one graph per patch shape; the parameters stay those of self.net
+            self.ddp = torch.compile(self.ddp, **compile_kwargs)
         self.data_loader_kwargs = data_loader_kwargs or dict(num_workers=0)
         self.step_count = 0
-        self.bad_steps = 0
-        self.last_bad_step = None   # 0-based index of the newest step with non-finite gradients
         self.batches = None
+
+    @property
+    def bad_steps(self):
+        """Steps whose gradients were not finite (skipped). Reads the device: call at ticks."""
+        return int(self._bad_steps.item())
+
+    @property
+    def last_bad_step(self):
+        """0-based index of the newest step with non-finite gradients, or None."""
+        value = int(self._last_bad_step.item())
+        return None if value < 0 else value
 
     def nimg_at(self, step):
         """Images counted after `step` steps: step * batch * E[m]."""
@@ -354,13 +379,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for round_idx in range(self.num_rounds):
             with misc.ddp_sync(self.ddp, round_idx == self.num_rounds - 1):
-                images, labels = self.batches.take(m)
-                images = images.to(device, non_blocking=True)
+                images, labels = self.batches.take(m, device)
                 if self.encoder is not None:
                     images = self.encoder(images)      # scaled latents, drawn with the step's seed
                 else:
                     images = images.to(torch.float32) / 127.5 - 1
-                labels = labels.to(device, non_blocking=True)
                 augment_labels = None
                 if self.augment_pipe is not None:
                     images, augment_labels = self.augment_pipe(images)   # full images, before cropping
@@ -372,20 +395,22 @@ class Trainer:
                 # Mean over the m * batch images of each image's summed pixel loss.
                 loss.sum().mul(self.loss_scaling / (self.batch_gpu_total * m)).backward()
 
-        # Non-finite gradients skip the update (counted, never zeroed).
+        # Non-finite gradients skip the update (counted on the device, never zeroed).
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads and bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):   # one fused norm per tensor list
+        if grads:
+            found_inf = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().logical_not()
             lr = self.base_lr
             if self.lr_rampup_kimg:
                 lr *= min(self.nimg_at(step) / (self.lr_rampup_kimg * 1000), 1)
             for group in self.optimizer.param_groups:
                 group['lr'] = lr
-            if self.loss_scaling != 1:
-                torch._foreach_div_(grads, self.loss_scaling)
+            self.optimizer.found_inf = found_inf.to(torch.float32)
+            self.optimizer.grad_scale = self.grad_scale
             self.optimizer.step()
         else:
-            self.bad_steps += 1
-            self.last_bad_step = step
+            found_inf = torch.ones((), dtype=torch.bool, device=device)
+        self._bad_steps += found_inf
+        self._last_bad_step = torch.where(found_inf, step, self._last_bad_step)
         self.step_count += 1
 
         # EMA with a half-life in images and ramp-up.
