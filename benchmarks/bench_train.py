@@ -165,14 +165,15 @@ def summarize(trainers, records, memory):
 
 def step_flops(trainer, P):
     """Model FLOPs of one optimizer step at patch size P (forward and backward
-    of every accumulation round: batch_gpu * m patches each), counted by
+    of every accumulation round of trainer.round_plan), counted by
     torch.utils.flop_counter on the uncompiled network with the trainer's
     loss and precision. Matrix products and convolutions only (what the
     tensor cores do); a multiply-add counts 2."""
     from torch.utils.flop_counter import FlopCounterMode
     from training import patching
     net, device = trainer.net, trainer.device
-    n = trainer.batch_gpu * trainer.schedule.multiplier(P)
+    rounds, batches_per_round = trainer.round_plan(trainer.schedule.multiplier(P))
+    n = trainer.batch_gpu * batches_per_round
     y = torch.rand([n, net.img_channels, P, P], device=device) * 2 - 1
     pos = patching.full_grid(P, n, device) if net.use_pos else None
     labels = torch.zeros([n, net.label_dim], device=device) if net.label_dim else None
@@ -181,7 +182,7 @@ def step_flops(trainer, P):
             loss = trainer.loss_fn(net=net, y=y, pos=pos, labels=labels)
         loss.sum().backward()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops() * trainer.num_rounds
+    return counter.get_total_flops() * rounds
 
 
 def add_flops(rows, trainers, precision, device_name, peak=None):

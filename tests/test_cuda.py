@@ -138,16 +138,25 @@ def test_low_precision_steps_track_fp32(shapes_zip, precision, use_fp16, ls):
 
 @pytest.mark.timeout(600)
 def test_compiled_training_matches_eager(shapes_zip):
-    """torch.compile (inductor, one graph per patch shape) trains like eager mode."""
+    """torch.compile (inductor, one graph per patch shape) trains like eager
+    mode: the first step's gradients agree to rounding (inductor reorders
+    sums; later steps also inherit Adam's amplification of rounding), and
+    the compiled run keeps training to nearly the same weights."""
     eager = make_trainer(shapes_zip, real_p=1.0)
     compiled = make_trainer(shapes_zip, real_p=1.0, compile_kwargs=dict(dynamic=False))
     for t in (eager, compiled):
         t.loss_fn = deterministic_loss
-    for _ in range(3):
+        t.step()
+    total = torch.stack([p.grad.norm() for p in eager.net.parameters()]).norm()
+    for (name, p), q in zip(eager.net.named_parameters(), compiled.net.parameters()):
+        # Relative per tensor, with a floor for tensors whose gradient is ~0 (rounding dominates there).
+        assert (p.grad - q.grad).norm() <= 2e-3 * p.grad.norm() + 1e-5 * total, name
+    for _ in range(2):
         eager.step()
         compiled.step()
-        for (name, p), q in zip(eager.net.named_parameters(), compiled.net.parameters()):
-            assert (p.grad - q.grad).norm() <= 1e-3 * p.grad.norm() + 1e-12, name
+    a = torch.cat([p.flatten() for p in eager.net.parameters()])
+    b = torch.cat([p.flatten() for p in compiled.net.parameters()])
+    assert (a - b).norm() <= 1e-2 * a.norm()
 
 
 # ----------------------------------------------------------------------------
@@ -159,17 +168,25 @@ def tiny_network(seed=0):
 
 
 def test_sampling_on_cuda_matches_cpu_and_ignores_the_batch_size():
+    """The sampler on CUDA: the deterministic EDM sampler from the same initial
+    noise gives the CPU's images; with generate_images' per-seed noise
+    (drawn by the device's generator, as EDM does) image k does not depend
+    on the batch size."""
     net = tiny_network()
-    seeds = list(range(6))
+    noise = torch.randn([4, 3, 32, 32], generator=torch.Generator().manual_seed(0))
 
-    def images(device, batch):
-        out = sampling.generate_images(net.to(device), seeds, batch_size=batch, device=device, num_steps=6,
+    def deterministic(device):
+        out = sampling.sample(sampling.make_denoiser(net.to(device)), noise.to(device), num_steps=6)
+        return sampling.to_uint8(out).cpu().to(torch.int32)
+    cpu, cuda = deterministic('cpu'), deterministic('cuda')
+    assert cpu.float().std() > 10                          # real images, not a constant
+    assert (cuda - cpu).abs().float().mean() < 0.05 and (cuda - cpu).abs().max() <= 2
+
+    def generated(batch):
+        out = sampling.generate_images(net.to(CUDA), list(range(6)), batch_size=batch, device=CUDA, num_steps=6,
                                        rank=0, world_size=1)
-        return torch.cat([batch_images.cpu() for _, batch_images in out]).to(torch.int32)
-    cpu, cuda_6, cuda_2 = images('cpu', 6), images('cuda', 6), images('cuda', 2)
-    assert (cuda_6 - cuda_2).abs().max() <= 1            # per-seed noise: batching changes rounding only
-    assert (cuda_6 - cpu).abs().float().mean() < 0.05 and (cuda_6 - cpu).abs().max() <= 2
-    assert cuda_6.float().std() > 10                      # real images, not a constant
+        return torch.cat([images.cpu() for _, images in out]).to(torch.int32)
+    assert (generated(6) - generated(2)).abs().max() <= 1   # batching changes rounding only
 
 
 class TinyDetector(torch.nn.Module):

@@ -201,6 +201,41 @@ def test_gradient_accumulation_matches_one_round(shapes_zip):
         assert (p.grad - q.grad).norm() <= 1e-5 * p.grad.norm(), name
 
 
+def test_patch_steps_pack_rounds_by_pixels(shapes_zip):
+    """--batch-gpu bounds a round's pixels: a step at P = R/m merges up to m
+    rounds, so batch 8 in rounds of 2 runs 4, 2, 1 rounds at P = 32, 16, 8."""
+    trainer = make_trainer(shapes_zip, batch_size=8, batch_gpu=2)
+    assert trainer.round_plan(1) == (4, 1) and trainer.round_plan(2) == (2, 4) and trainer.round_plan(4) == (1, 16)
+    odd = make_trainer(shapes_zip, batch_size=6, batch_gpu=2)   # 3 rounds: only divisors of 3 merge
+    assert odd.round_plan(2) == (3, 2) and odd.round_plan(4) == (1, 12)
+    shapes = []
+    inner = trainer.loss_fn
+    trainer.loss_fn = lambda **kw: shapes.append(tuple(kw['y'].shape)) or inner(**kw)
+    seen = set()
+    for _ in range(12):
+        shapes.clear()
+        P = trainer.step()
+        m = RESOLUTION // P
+        seen.add(P)
+        assert shapes == [(8 * m // len(shapes), 3, P, P)] * {1: 4, 2: 2, 4: 1}[m], (P, shapes)
+    assert seen == {8, 16, 32}
+
+
+def test_merged_patch_round_equals_one_big_round(shapes_zip):
+    """The loss normalisation holds when rounds merge: an 8 px step (m = 4) of
+    batch 8 in rounds of 2 (merged into one round of 32 patches) gives the
+    gradient of the same step run as one round of batch 8."""
+    trainers = [make_trainer(shapes_zip, batch_size=8, batch_gpu=b) for b in (2, 8)]
+    step = next(k for k in range(100) if trainers[0].schedule.draw(k, 0.0) == 8)
+    for t in trainers:
+        t.loss_fn = deterministic_loss
+        t.step_count = step
+        assert t.step() == 8
+    for (name, p), q in zip(trainers[0].net.named_parameters(), trainers[1].net.parameters()):
+        assert (p.grad - q.grad).norm() <= 1e-5 * q.grad.norm(), name
+    assert trainers[0].batches.consumed == trainers[1].batches.consumed == 32
+
+
 def test_loss_scaling_is_undone(shapes_zip):
     """--ls scales the loss for fp16 gradients; the update is that of the
     unscaled loss. Adam's eps = 1 makes the update depend on the gradient's

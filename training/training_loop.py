@@ -6,7 +6,10 @@ One step:
   2. Each accumulation round loads m * batch_gpu full images, augments them
      (before cropping, so coordinates stay true), crops one random P x P
      patch per image with its coordinate grid, and backpropagates the loss,
-     normalised per image.
+     normalised per image. --batch-gpu bounds the pixels of a round, not its
+     images: a patch step packs up to m of the batch_gpu rounds into one
+     (`round_plan`), so its rounds, and their fixed per-round cost of
+     launching the network's kernels, shrink with its work.
   3. Non-finite gradients skip the optimizer step and are counted (never
      zeroed silently); too many stop the run.
   4. Adam with learning-rate ramp-up, then an EMA update with a half-life in
@@ -284,7 +287,7 @@ class Trainer:
         if self.batch_gpu_total % self.batch_gpu:
             raise ValueError(f'The batch per process ({self.batch_gpu_total}) is not divisible by '
                              f'--batch-gpu={self.batch_gpu}')
-        self.num_rounds = self.batch_gpu_total // self.batch_gpu
+        self.num_rounds = self.batch_gpu_total // self.batch_gpu   # rounds of a full-image step
 
         self.dataset = dataset if dataset is not None else build_dataset(dataset_kwargs)
         # Latent space: a pre-encoded archive, or raw images encoded on the fly (SPEC section 2).
@@ -344,6 +347,18 @@ class Trainer:
         value = int(self._last_bad_step.item())
         return None if value < 0 else value
 
+    def round_plan(self, m):
+        """(rounds, loader batches per round) of a step with multiplier m.
+
+        A full-image round holds batch_gpu images of R x R pixels. A patch
+        round may hold m times as many P x P patches in the same pixels
+        (m P^2 = R P <= R^2), so g = the largest divisor of num_rounds that is
+        <= m rounds are merged into one: fewer, fuller rounds, same images,
+        same loss. E.g. 4 rounds at P = R: 4; at R/2: 2; at R/4: 1.
+        """
+        group = max(g for g in range(1, min(m, self.num_rounds) + 1) if self.num_rounds % g == 0)
+        return self.num_rounds // group, m * group
+
     def nimg_at(self, step):
         """Images counted after `step` steps: step * batch * E[m]."""
         return int(round(step * self.nimg_per_step))
@@ -377,9 +392,10 @@ class Trainer:
         P = self.schedule.draw(step, self.cur_nimg / self.total_nimg)   # the same on every rank
         m = self.schedule.multiplier(P)
         self.optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(self.num_rounds):
-            with misc.ddp_sync(self.ddp, round_idx == self.num_rounds - 1):
-                images, labels = self.batches.take(m, device)
+        rounds, batches_per_round = self.round_plan(m)
+        for round_idx in range(rounds):
+            with misc.ddp_sync(self.ddp, round_idx == rounds - 1):
+                images, labels = self.batches.take(batches_per_round, device)
                 if self.encoder is not None:
                     images = self.encoder(images)      # scaled latents, drawn with the step's seed
                 else:
