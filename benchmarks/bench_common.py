@@ -5,7 +5,7 @@ Presets name a network and a batch the way train.py does (an entry of
 train.ARCHITECTURES plus overrides):
 
     cpu-small   DDPM++ 32x32, cbase 32, cres 1,2,2, 2 blocks, no attention,
-                batch 32 (the `make demo` network): seconds per step on 2 cores
+                batch 32 (session 1's `make demo` network): seconds per step on 2 cores
     gpu-paper   DDPM++ 64x64 with the paper's CelebA settings: cres 1,2,2,2,
                 dropout 0.05, batch 256
     gpu-latent  ADM on 32x32x4 latent-shaped data (a 256x256 image through the

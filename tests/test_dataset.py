@@ -208,7 +208,7 @@ def test_demo_images_are_deterministic_per_index():
     np.testing.assert_array_equal(streamed[4][0], demo_data.make_shape_image(4, 8)[0])
 
 
-def test_demo_shapes_are_large_and_contrasting():
+def test_demo_shapes_are_large_centred_and_contrasting():
     for index in range(25):
         image = demo_data.make_shape_image(index, 64)[0].astype(np.float64)
         luma = image.mean(axis=2)
@@ -217,8 +217,12 @@ def test_demo_shapes_are_large_and_contrasting():
         shape = (luma < 127.5) if luma[0, 0] > 127.5 else (luma > 127.5)
         rows, cols = np.nonzero(shape)
         extent = max(np.ptp(rows), np.ptp(cols)) + 1
-        assert 0.25 * 64 <= extent <= 0.65 * 64, (index, extent)
+        assert 0.38 * 64 <= extent <= 0.75 * 64, (index, extent)
+        centre = np.array([rows.min() + rows.max() + 1, cols.min() + cols.max() + 1]) / 2
+        assert np.abs(centre - 32).max() <= 0.1 * 64, (index, centre)
         assert not shape[[0, 0, -1, -1], [0, -1, 0, -1]].any()
+        corners = image[[0, 0, -1, -1], [0, -1, 0, -1]]
+        assert (corners == corners[0]).all(), index   # one flat background colour
 
 
 @pytest.mark.parametrize('resolution', [4, 12, 7.0])

@@ -122,6 +122,40 @@ def test_readme_run_progress_is_image_accounting(readme_run):
     assert steps == 14
 
 
+def makefile_demo_flags(repo_root):
+    """DEMO_TRAIN_FLAGS of the Makefile (continuation lines joined), as a list."""
+    import shlex
+    lines = (repo_root / 'Makefile').read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('DEMO_TRAIN_FLAGS ?='))
+    text = lines[start].split('?=', 1)[1]
+    index = start
+    while text.endswith('\\'):
+        index += 1
+        text = text[:-1] + ' ' + lines[index].strip()
+    return shlex.split(text)
+
+
+@pytest.mark.slow
+def test_make_demo_commands_run(shapes_zip, tmp_path, subprocess_env, repo_root):
+    """The Makefile's demo: train.py with DEMO_TRAIN_FLAGS (only shortened:
+    later flags win in click) and generate.py's grid, as `make demo` runs them."""
+    flags = makefile_demo_flags(repo_root)
+    assert '--real_p=0.5' in flags and '--device=cpu' in flags
+    outdir = tmp_path / 'demo-run'
+    code, output = run_train([f'--outdir={outdir}', f'--data={shapes_zip}'] + flags +
+                             ['--duration=0.0002', '--tick=0.0001', '--snap=1', '--dump=1', '--samples=4',
+                              '--workers=0'], subprocess_env)
+    assert code == 0, output
+    snapshots = sorted(outdir.glob('*/network-snapshot-*.pkl'))
+    assert snapshots, output
+    assert load_ema(snapshots[-1]).model.enc['32x32_conv'].weight.shape[0] == 16   # --cbase=16 reached the net
+    generate = [sys.executable, str(repo_root / 'generate.py'), '--device=cpu', '--seeds=0-3', '--grid',
+                f'--outdir={outdir / "samples"}', f'--network={snapshots[-1]}', '--steps=4']
+    (code, output), = run_all([generate], subprocess_env, 120)
+    assert code == 0, output
+    assert (outdir / 'samples' / 'grid.png').is_file()
+
+
 def test_transfer_starts_from_the_snapshot(readme_run, shapes_zip, tmp_path, subprocess_env):
     """--transfer copies every weight: with the default lr ramp-up the first
     step has lr = 0, so the tick-0 snapshot equals the source bit for bit."""
