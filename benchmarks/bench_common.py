@@ -6,6 +6,8 @@ train.ARCHITECTURES plus overrides):
 
     cpu-small   DDPM++ 32x32, cbase 32, cres 1,2,2, 2 blocks, no attention,
                 batch 32 (session 1's `make demo` network): seconds per step on 2 cores
+    cpu-demo    the `make demo` network: DDPM++ 32x32, cbase 16, cres 1,2,2,
+                2 blocks, no attention, batch 16
     gpu-paper   DDPM++ 64x64 with the paper's CelebA settings: cres 1,2,2,2,
                 dropout 0.05, batch 256
     gpu-latent  ADM on 32x32x4 latent-shaped data (a 256x256 image through the
@@ -53,6 +55,9 @@ PRESETS = {
     'cpu-small': Preset(arch='ddpmpp', resolution=32, channels=3, batch=32, batch_gpu=32, lr=2e-3,
                         network=dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[],
                                      dropout=0.0)),
+    'cpu-demo': Preset(arch='ddpmpp', resolution=32, channels=3, batch=16, batch_gpu=16, lr=2e-3,
+                       network=dict(model_channels=16, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[],
+                                    dropout=0.0)),
     'gpu-paper': Preset(arch='ddpmpp', resolution=64, channels=3, batch=256, batch_gpu=64, lr=2e-4,
                         network=dict(channel_mult=[1, 2, 2, 2], dropout=0.05)),
     'gpu-latent': Preset(arch='adm', resolution=32, channels=4, batch=256, batch_gpu=64, lr=1e-4,

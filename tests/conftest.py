@@ -15,6 +15,19 @@ if str(REPO_ROOT) not in sys.path:   # `pytest` run without an installed package
 torch.set_num_threads(2)
 
 
+def makefile_demo_flags():
+    """DEMO_TRAIN_FLAGS of the Makefile (continuation lines joined), as a list."""
+    import shlex
+    lines = (REPO_ROOT / 'Makefile').read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('DEMO_TRAIN_FLAGS ?='))
+    text = lines[start].split('?=', 1)[1]
+    index = start
+    while text.endswith('\\'):
+        index += 1
+        text = text[:-1] + ' ' + lines[index].strip()
+    return shlex.split(text)
+
+
 @pytest.fixture(scope='session')
 def repo_root():
     """Path of the repository root (the folder holding dnnlib/, torch_utils/, training/)."""

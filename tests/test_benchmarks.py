@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, makefile_demo_flags
 
 sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
 import bench_common  # noqa: E402
@@ -153,6 +153,16 @@ def test_peak_table_matches_specific_names_first():
     assert bench_common.peak_tflops('NVIDIA H200', 'fp32') == 66.9
     assert bench_common.peak_tflops('Some New Card', 'bf16') is None
     assert bench_common.peak_tflops(None, 'bf16') is None
+
+
+def test_cpu_demo_preset_is_the_make_demo_network():
+    flags = dict(flag.lstrip('-').split('=', 1) for flag in makefile_demo_flags())
+    preset = bench_common.PRESETS['cpu-demo']
+    assert (flags['arch'], int(flags['batch'])) == (preset.arch, preset.batch)
+    assert int(flags['cbase']) == preset.network['model_channels']
+    assert [int(c) for c in flags['cres'].split(',')] == preset.network['channel_mult']
+    assert int(flags['blocks']) == preset.network['num_blocks'] and flags['attn'] == 'none'
+    assert float(flags['lr']) == preset.lr and float(flags['dropout']) == preset.network['dropout']
 
 
 def test_bench_train_rejects_fp16_on_cpu(shapes_zip):

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 import dataset_tool
 import train
+from tests.conftest import makefile_demo_flags
 from torch_utils import misc
 from training import sampling
 from training import training_loop as tl
@@ -122,24 +123,11 @@ def test_readme_run_progress_is_image_accounting(readme_run):
     assert steps == 14
 
 
-def makefile_demo_flags(repo_root):
-    """DEMO_TRAIN_FLAGS of the Makefile (continuation lines joined), as a list."""
-    import shlex
-    lines = (repo_root / 'Makefile').read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('DEMO_TRAIN_FLAGS ?='))
-    text = lines[start].split('?=', 1)[1]
-    index = start
-    while text.endswith('\\'):
-        index += 1
-        text = text[:-1] + ' ' + lines[index].strip()
-    return shlex.split(text)
-
-
 @pytest.mark.slow
 def test_make_demo_commands_run(shapes_zip, tmp_path, subprocess_env, repo_root):
     """The Makefile's demo: train.py with DEMO_TRAIN_FLAGS (only shortened:
     later flags win in click) and generate.py's grid, as `make demo` runs them."""
-    flags = makefile_demo_flags(repo_root)
+    flags = makefile_demo_flags()
     assert '--real_p=0.5' in flags and '--device=cpu' in flags
     outdir = tmp_path / 'demo-run'
     code, output = run_train([f'--outdir={outdir}', f'--data={shapes_zip}'] + flags +
