@@ -17,7 +17,8 @@
 #
 # Logs and JSON summaries go to $OUT (a new temp folder when unset); at most
 # 8 files. QUICK=1 runs the same steps on CPU with the cpu-small preset and a
-# tiny batch (to check this script where there is no GPU).
+# tiny batch, gpu-latent at real_p 1 only (to check this script where there is
+# no GPU; it passes in under a minute on 2 cores).
 # Python packages missing on the machine travel as wheels in .whl/ (see the
 # device notes); they are installed to /tmp/site when that folder has any.
 # Each step gets its own limit, cut to what is left before the deadline; the
@@ -74,7 +75,7 @@ if [ "$QUICK" = 0 ]; then
 else
     DATA=/tmp/gpu-check-shapes-32.zip
     PAPER=(--preset=cpu-small --data="$DATA" --batch=4 --device=cpu --threads=1)
-    LATENT=(--preset=gpu-latent --batch=2 --batch-gpu=2 --max-size=8 --device=cpu --threads=1)
+    LATENT=(--preset=gpu-latent --batch=2 --batch-gpu=2 --max-size=8 --device=cpu --threads=1 --real-p=1 --no-flops)
     FP32=(--rounds=1 --block=1 --warmup=0)
     BF16=(--rounds=1 --block=1 --warmup=0)
     RES=32
