@@ -122,11 +122,12 @@ def mean_seconds_by_patch(records):
     return {P: sums[P] / counts[P] for P in sorted(sums)}, dict(sorted(counts.items()))
 
 
-def expected_sec_per_step(schedule, sec_by_patch):
-    """Long-run mean step time of a schedule: sum_P prob(P) * sec(P). None if a size was never timed."""
-    if any(P not in sec_by_patch for P in schedule.sizes):
+def expected_per_step(schedule, value_by_patch):
+    """Long-run mean per step of a per-patch-size quantity (step time, FLOPs):
+    sum_P prob(P) * value(P). None if a size of the schedule has no value."""
+    if any(P not in value_by_patch for P in schedule.sizes):
         return None
-    return sum(q * sec_by_patch[P] for P, q in zip(schedule.sizes, schedule.probs))
+    return sum(q * value_by_patch[P] for P, q in zip(schedule.sizes, schedule.probs))
 
 
 def ideal_ratio(schedule):
@@ -143,7 +144,7 @@ def summarize(trainers, records, memory):
     for key, trainer in trainers.items():
         mine = [r for r in records if r['real_p'] == key]
         drawn = sum(r['seconds'] for r in mine) / len(mine) if mine else None
-        expected = expected_sec_per_step(trainer.schedule, sec_by_patch)
+        expected = expected_per_step(trainer.schedule, sec_by_patch)
         patches = {}
         for r in mine:
             patches[r['P']] = patches.get(r['P'], 0) + 1
@@ -196,7 +197,7 @@ def add_flops(rows, trainers, precision, device_name, peak=None):
     peak = peak or peak_tflops(device_name, precision)
     for key, trainer in trainers.items():
         row = rows[key]
-        flops = sum(q * by_patch[P] for P, q in zip(trainer.schedule.sizes, trainer.schedule.probs))
+        flops = expected_per_step(trainer.schedule, by_patch)
         row['tflop_per_step'] = flops / 1e12
         row['achieved_tflops'] = flops / row['sec_per_step'] / 1e12 if row['sec_per_step'] else None
         row['peak_tflops'] = peak

@@ -45,10 +45,10 @@ def test_ideal_ratio_is_images_over_pixels(resolution):
 def test_expected_step_time_proportional_to_pixels_gives_the_ideal_ratio():
     schedule, plain = PatchSchedule(64, 0.25), PatchSchedule(64, 1.0)
     sec = {16: 0.25, 32: 0.5, 64: 1.0}
-    ratio = (schedule.expected_multiplier / bench_train.expected_sec_per_step(schedule, sec)) / \
-        (plain.expected_multiplier / bench_train.expected_sec_per_step(plain, sec))
+    ratio = (schedule.expected_multiplier / bench_train.expected_per_step(schedule, sec)) / \
+        (plain.expected_multiplier / bench_train.expected_per_step(plain, sec))
     assert ratio == pytest.approx(bench_train.ideal_ratio(schedule))
-    assert bench_train.expected_sec_per_step(schedule, {64: 1.0}) is None   # a size never timed
+    assert bench_train.expected_per_step(schedule, {64: 1.0}) is None   # a size never timed
 
 
 class FakeTrainer:

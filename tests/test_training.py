@@ -245,7 +245,7 @@ def test_loss_scaling_is_undone(shapes_zip):
                          optimizer_kwargs=dict(eps=1.0))
         t.loss_fn = deterministic_loss
         if not undo:
-            t.grad_scale = None
+            t.optimizer.grad_scale = None
         t.step()
         t.step()
         return t

@@ -308,18 +308,17 @@ class Trainer:
 
         torch.manual_seed(seed)   # the same initial weights on every rank and in every run with this seed
         self.net = build_network(network_kwargs, resolution, channels, self.dataset.label_dim)
-        self.channels_last = bool(channels_last)
         # Inputs stay as they are (the noise drawn for them keeps its values): a convolution
         # with channels-last weights returns channels-last activations from the first layer on.
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.net.train().requires_grad_(True).to(device, memory_format=self.memory_format)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.train().requires_grad_(True).to(device, memory_format=memory_format)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = build_loss(loss_kwargs)
         self.augment_pipe = build_augment_pipe(augment_kwargs)
         # Fused Adam skips a step with non-finite gradients on the device (found_inf) and
         # undoes the loss scaling (grad_scale) in its kernel: the step never waits for the device.
         self.optimizer = torch.optim.Adam(self.net.parameters(), fused=True, **optimizer_kwargs)
-        self.grad_scale = torch.full((), float(loss_scaling), device=device) if loss_scaling != 1 else None
+        self.optimizer.grad_scale = torch.full((), float(loss_scaling), device=device) if loss_scaling != 1 else None
         self._bad_steps = torch.zeros((), dtype=torch.int64, device=device)
         self._last_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.base_lr = optimizer_kwargs['lr']
@@ -421,7 +420,6 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group['lr'] = lr
             self.optimizer.found_inf = found_inf.to(torch.float32)
-            self.optimizer.grad_scale = self.grad_scale
             self.optimizer.step()
         else:
             found_inf = torch.ones((), dtype=torch.bool, device=device)
