@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
 import bench_common  # noqa: E402
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
+import count_ops  # noqa: E402
 import quality_vs_time  # noqa: E402
 from training import metrics  # noqa: E402
 from training.patching import PatchSchedule  # noqa: E402
@@ -145,6 +146,14 @@ def test_step_flops_follow_the_patch_work(shapes_zip):
     expected = sum(q * flops[P] for P, q in zip(trainer.schedule.sizes, trainer.schedule.probs))
     assert rows[0.5]['tflop_per_step'] == pytest.approx(expected / 1e12)
     assert rows[0.5]['peak_fraction'] == pytest.approx(expected / 2.0 / 989.4e12)
+
+
+def test_count_ops_sees_the_autocast_casts():
+    """bf16 autocast adds dtype casts to the same convolutions; the backward pass is counted."""
+    fp32 = count_ops.count_operators(bench_common.PRESETS['cpu-demo'], 'fp32')
+    bf16 = count_ops.count_operators(bench_common.PRESETS['cpu-demo'], 'bf16')
+    assert fp32['convolution'] == bf16['convolution'] == fp32['convolution_backward'] > 0
+    assert bf16['_to_copy'] > fp32['_to_copy'] and sum(bf16.values()) > sum(fp32.values())
 
 
 def test_peak_table_matches_specific_names_first():

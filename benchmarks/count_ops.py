@@ -1,0 +1,62 @@
+"""Count the operators one forward + backward of a preset's network dispatches
+(each is at least one kernel launch on a GPU, and host time in Python and the
+dispatcher): the fixed host cost of an accumulation round.
+
+    python benchmarks/count_ops.py --preset=gpu-paper --precision=bf16
+
+Runs on CPU with a batch of 2 (the count does not depend on the batch or the
+device); bf16 counts under CPU autocast, which casts like CUDA autocast. The
+last line on stdout is a one-line JSON summary.
+"""
+
+import collections
+
+import click
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bench_common as common
+from training import patching
+from training.training_loop import build_network
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside `with OperatorCounter() as c:`."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(preset, precision='fp32', batch=2):
+    """Counter of operators in one forward + backward of `preset`'s network on full-size inputs."""
+    net = build_network(common.network_kwargs(preset), preset.resolution, preset.channels, 0)
+    x = torch.randn(batch, preset.channels, preset.resolution, preset.resolution)
+    pos = patching.full_grid(preset.resolution, batch)
+    with OperatorCounter() as counter:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=(precision == 'bf16')):
+            out = net(x, torch.ones(batch), pos=pos)
+        out.float().square().mean().backward()
+    return counter.counts
+
+
+@click.command()
+@click.option('--preset', type=click.Choice(sorted(common.PRESETS)), default='gpu-paper', show_default=True)
+@click.option('--precision', type=click.Choice(['fp32', 'bf16']), default='fp32', show_default=True)
+@click.option('--top', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+def main(preset, precision, top):
+    """Operators per forward + backward of a preset's network."""
+    counts = count_operators(common.PRESETS[preset], precision)
+    total = sum(counts.values())
+    print(f'{preset}, {precision}: {total} operators per forward + backward')
+    for name, n in counts.most_common(top):
+        print(f'  {name:<32s} {n}')
+    common.emit_summary(dict(preset=preset, precision=precision, operators=total, top=dict(counts.most_common(top))))
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
