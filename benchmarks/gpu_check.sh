@@ -8,12 +8,12 @@
 #    on-device skip, fp32/bf16/fp16, channels-last, torch.compile, sampling and
 #    statistics on CUDA vs CPU, torchrun (NCCL) + generate.py on the GPU;
 # 2. bench_train.py --preset=gpu-paper (DDPM++ 64x64, batch 256, the paper's
-#    CelebA settings) for real_p 1.0 / 0.5 in fp32, bf16 and bf16 with
-#    channels-last, then --preset=gpu-latent (ADM on 32x32x4) in bf16, then
-#    gpu-paper bf16 with torch.compile while time is left (real_p 0.5 alone, to
-#    halve the compiling: compare its step time per patch size with the eager
-#    bf16 run). Each reports kimg/s, the ratio, model TFLOP/step and the
-#    fraction of the card's peak.
+#    CelebA settings) for real_p 1.0 / 0.5: bf16 in rounds of 64 (--batch-gpu
+#    64) and of 128, then fp32; then --preset=gpu-latent (ADM on 32x32x4) in
+#    bf16; then gpu-paper bf16 with torch.compile at real_p 1.0 alone (one
+#    patch shape, so one compilation) while time is left: compare its step time
+#    with the eager bf16 run. Each reports kimg/s, the ratio, model TFLOP/step
+#    and the fraction of the card's peak.
 #
 # Logs and JSON summaries go to $OUT (a new temp folder when unset); at most
 # 8 files. QUICK=1 runs the same steps on CPU with the cpu-small preset and a
@@ -69,15 +69,15 @@ if [ "$QUICK" = 0 ]; then
     DATA=/tmp/gpu-check-shapes-64.zip
     PAPER=(--preset=gpu-paper --data="$DATA" --workers=6)
     LATENT=(--preset=gpu-latent --workers=2)
-    FP32=(--rounds=2 --block=3 --warmup=1)
-    BF16=(--rounds=4 --block=5 --warmup=2)
+    SHORT=(--rounds=2 --block=3 --warmup=1)
+    BIG_ROUND=128
     RES=64
 else
     DATA=/tmp/gpu-check-shapes-32.zip
     PAPER=(--preset=cpu-small --data="$DATA" --batch=4 --device=cpu --threads=1)
     LATENT=(--preset=gpu-latent --batch=2 --batch-gpu=2 --max-size=8 --device=cpu --threads=1 --real-p=1 --no-flops)
-    FP32=(--rounds=1 --block=1 --warmup=0)
-    BF16=(--rounds=1 --block=1 --warmup=0)
+    SHORT=(--rounds=1 --block=1 --warmup=0)
+    BIG_ROUND=4
     RES=32
 fi
 
@@ -89,14 +89,14 @@ if [ ! -e "$DATA" ]; then
 fi
 
 BENCH=("$PY" benchmarks/bench_train.py --real-p=1,0.5)
-step paper_fp32 100 "${BENCH[@]}" "${PAPER[@]}" "${FP32[@]}" --precision=fp32 --json="$OUT/paper_fp32.json"
-step paper_bf16 60 "${BENCH[@]}" "${PAPER[@]}" "${BF16[@]}" --precision=bf16 --json="$OUT/paper_bf16.json"
-step paper_bf16_cl 60 "${BENCH[@]}" "${PAPER[@]}" "${BF16[@]}" --precision=bf16 --channels-last \
-    --json="$OUT/paper_bf16_cl.json"
-step latent_bf16 60 "${BENCH[@]}" "${LATENT[@]}" "${BF16[@]}" --precision=bf16 --json="$OUT/latent_bf16.json"
+step paper_bf16 90 "${BENCH[@]}" "${PAPER[@]}" "${SHORT[@]}" --precision=bf16 --json="$OUT/paper_bf16.json"
+step paper_bf16_b128 80 "${BENCH[@]}" "${PAPER[@]}" "${SHORT[@]}" --precision=bf16 --batch-gpu="$BIG_ROUND" \
+    --json="$OUT/paper_bf16_b128.json"
+step paper_fp32 110 "${BENCH[@]}" "${PAPER[@]}" "${SHORT[@]}" --precision=fp32 --json="$OUT/paper_fp32.json"
+step latent_bf16 80 "${BENCH[@]}" "${LATENT[@]}" "${SHORT[@]}" --precision=bf16 --json="$OUT/latent_bf16.json"
 if [ "$QUICK" = 0 ]; then
-    step paper_bf16_compile 150 "$PY" benchmarks/bench_train.py --real-p=0.5 "${PAPER[@]}" "${BF16[@]}" --precision=bf16 --compile \
-        --json="$OUT/paper_bf16_compile.json"
+    step paper_bf16_compile 150 "$PY" benchmarks/bench_train.py --real-p=1 "${PAPER[@]}" --rounds=1 --block=3 --warmup=1 \
+        --precision=bf16 --compile --json="$OUT/paper_bf16_compile.json"
 fi
 
 # Everything in one log too (the JSON files are each bench's last line).

@@ -79,8 +79,21 @@ def load_labelled(dataset):
     return images, labels
 
 
+def permute_channels(images, generator):
+    """Each image with its colour channels in a random order (uint8 [N, C, H, W])."""
+    order = torch.argsort(torch.rand(images.shape[:2], generator=generator), dim=1)
+    return torch.gather(images, 1, order[:, :, None, None].expand_as(images))
+
+
 def train_classifier(images, labels, num_classes, epochs=6, batch_size=64, lr=2e-3, holdout=0.1, seed=0):
-    """Train a ShapeClassifier; returns (model in eval mode, held-out accuracy in [0, 1])."""
+    """Train a ShapeClassifier; returns (model in eval mode, held-out accuracy in [0, 1]).
+
+    The training images get their colour channels in a random order, so that
+    the features must tell shapes apart by their outline: the demo data gives
+    each class its own colour, and a classifier that looked at colour alone
+    would score a field of red blobs as well as one of red circles. The
+    held-out accuracy is measured on permuted images too.
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
@@ -91,13 +104,14 @@ def train_classifier(images, labels, num_classes, epochs=6, batch_size=64, lr=2e
     model.train()
     for _epoch in range(epochs):
         for batch in train[torch.randperm(len(train), generator=generator)].split(batch_size):
-            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            loss = torch.nn.functional.cross_entropy(model(permute_channels(images[batch], generator)), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        accuracy = float((model(images[test]).argmax(dim=1) == labels[test]).float().mean())
+        predicted = model(permute_channels(images[test], generator)).argmax(dim=1)
+        accuracy = float((predicted == labels[test]).float().mean())
     return model, accuracy
 
 
@@ -138,14 +152,15 @@ def train_equal_time(trainers, budget_s, checkpoints, slice_s, clock=time.perf_c
     return points
 
 
-def make_trainer(dataset, real_p, seed, batch, lr, ema_kimg, device):
-    """A Trainer of the cpu-small network (the `make demo` settings) on `dataset`."""
-    preset = common.PRESETS['cpu-small']
+def make_trainer(dataset, real_p, seed, batch, lr, ema_kimg, device, preset='cpu-demo', P_mean=-1.2, P_std=1.2,
+                 channels_last=False):
+    """A Trainer of a preset's network (default cpu-demo, the `make demo` network) on `dataset`."""
     return Trainer(dataset=dataset, data_loader_kwargs=dict(num_workers=0),
-                   network_kwargs=common.network_kwargs(preset), loss_kwargs=dict(loss='edm'),
+                   network_kwargs=common.network_kwargs(common.PRESETS[preset]),
+                   loss_kwargs=dict(loss='edm', P_mean=P_mean, P_std=P_std),
                    optimizer_kwargs=dict(lr=lr, betas=(0.9, 0.999), eps=1e-8),
                    patch_kwargs=dict(real_p=real_p), seed=seed, batch_size=batch, total_kimg=1e6,
-                   ema_halflife_kimg=ema_kimg, lr_rampup_kimg=1, device=device)
+                   ema_halflife_kimg=ema_kimg, lr_rampup_kimg=1, device=device, channels_last=channels_last)
 
 
 # ----------------------------------------------------------------------------
@@ -231,7 +246,14 @@ def plot(summary, path):
               help='Evenly spaced evaluation times')
 @click.option('--slice', 'slice_s', metavar='SEC', type=click.FloatRange(min=0, min_open=True), default=10,
               show_default=True, help='Alternation slice')
-@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--preset', type=click.Choice(['cpu-demo', 'cpu-small']), default='cpu-demo', show_default=True,
+              help='The network (bench_common.PRESETS; cpu-demo is the `make demo` network)')
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), help='Batch size  [default: the preset\'s]')
+@click.option('--P-mean', '--P_mean', 'P_mean', metavar='FLOAT', type=float, default=-1.2, show_default=True,
+              help='EDM loss: mean of ln(sigma)')
+@click.option('--P-std', '--P_std', 'P_std', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+              default=1.2, show_default=True, help='EDM loss: std of ln(sigma)')
+@click.option('--channels-last', 'channels_last', is_flag=True, help='Networks in channels-last memory format')
 @click.option('--lr', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
 @click.option('--ema', 'ema_kimg', metavar='KIMG', type=click.FloatRange(min=0), default=2, show_default=True,
               help='EMA half-life')
@@ -249,13 +271,15 @@ def plot(summary, path):
 @click.option('--plot', 'plot_path', metavar='PNG', type=str,
               default=os.path.join(common.REPO_ROOT, 'docs', 'quality_vs_time.png'), show_default=True)
 @click.option('--json', 'json_path', metavar='PATH', type=str, help='Also write the JSON summary to this file')
-def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, batch, lr, ema_kimg, eval_images, sample_steps,
-         detector_path, detector_out, detector_epochs, device_name, threads, plot_path, json_path):
+def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, preset, batch, P_mean, P_std, channels_last, lr,
+         ema_kimg, eval_images, sample_steps, detector_path, detector_out, detector_epochs, device_name, threads,
+         plot_path, json_path):
     """Frechet distance (classifier features, NOT Inception-FID) vs equal training time."""
     try:
         real_ps = common.parse_float_list(real_p)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--real-p') from None
+    batch = common.PRESETS[preset].batch if batch is None else batch
     device = torch.device(device_name)
     common.set_threads(threads)
     info = common.machine_info(device)
@@ -297,7 +321,8 @@ def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, batch, lr
 
         runs = {float_key(p): [] for p in real_ps}
         for seed in range(seeds):
-            trainers = {p: make_trainer(dataset, p, seed, batch, lr, ema_kimg, device) for p in real_ps}
+            trainers = {p: make_trainer(dataset, p, seed, batch, lr, ema_kimg, device, preset, P_mean, P_std,
+                                        channels_last) for p in real_ps}
             points = train_equal_time(trainers, minutes * 60, checkpoints, slice_s)
             for p, seed_points in points.items():
                 for point in seed_points:
@@ -309,7 +334,7 @@ def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, batch, lr
 
     summary = dict(metric=METRIC_NAME, detector_accuracy=accuracy, feature_dim=int(mu_ref.shape[0]),
                    floor_fd=floor_fd, minutes=minutes, seeds=seeds, checkpoints=checkpoints, slice_s=slice_s,
-                   batch=batch, lr=lr, ema_kimg=ema_kimg, eval_images=eval_images, sample_steps=sample_steps,
+                   preset=preset, P_mean=P_mean, P_std=P_std, channels_last=channels_last, batch=batch, lr=lr, ema_kimg=ema_kimg, eval_images=eval_images, sample_steps=sample_steps,
                    runs=runs, mean=mean_curves(runs), total_s=time.time() - start)
     summary.update(info, loadavg_end=[round(x, 2) for x in os.getloadavg()])
     for key, curve in summary['mean'].items():

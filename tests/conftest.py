@@ -15,11 +15,11 @@ if str(REPO_ROOT) not in sys.path:   # `pytest` run without an installed package
 torch.set_num_threads(2)
 
 
-def makefile_demo_flags():
-    """DEMO_TRAIN_FLAGS of the Makefile (continuation lines joined), as a list."""
+def makefile_demo_flags(variable='DEMO_TRAIN_FLAGS'):
+    """A flags variable of the Makefile (continuation lines joined), as a list."""
     import shlex
     lines = (REPO_ROOT / 'Makefile').read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('DEMO_TRAIN_FLAGS ?='))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f'{variable} ?='))
     text = lines[start].split('?=', 1)[1]
     index = start
     while text.endswith('\\'):

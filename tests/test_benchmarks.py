@@ -1,5 +1,6 @@
 """The benchmark scripts: their arithmetic, their alternation, and short end-to-end runs on tiny data."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -241,6 +242,46 @@ def test_classifier_learns_the_demo_shapes(shapes_zip):
     torch.manual_seed(0)
     model, accuracy = quality_vs_time.train_classifier(images, labels, 5, epochs=1, holdout=0.25)
     assert 0 <= accuracy <= 1 and not model.training
+
+
+def test_permute_channels_reorders_each_images_channels():
+    images = torch.arange(40 * 3, dtype=torch.uint8).reshape(40, 3, 1, 1).expand(40, 3, 2, 2).contiguous()
+    out = quality_vs_time.permute_channels(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    for original, permuted in zip(images, out):
+        assert sorted(permuted[:, 0, 0].tolist()) == original[:, 0, 0].tolist()
+        assert (permuted == permuted[:, :1, :1]).all()   # a whole plane moves, not single pixels
+    assert not torch.equal(out, images)   # 40 images: some orders are not the identity
+
+
+def test_classifier_is_trained_on_permuted_colours(shapes_zip, monkeypatch):
+    from training.dataset import ImageFolderDataset
+    images, labels = quality_vs_time.load_labelled(ImageFolderDataset(shapes_zip, use_labels=True))
+    seen = []
+    forward = quality_vs_time.ShapeClassifier.forward
+    monkeypatch.setattr(quality_vs_time.ShapeClassifier, 'forward',
+                        lambda self, x, return_features=False: seen.append(x) or forward(self, x, return_features))
+    quality_vs_time.train_classifier(images, labels, 5, epochs=1, batch_size=100, holdout=0.25)
+    batch = seen[0]   # the first training batch: all 9 training images, at batch_size 100
+    assert len(batch) == 9
+    orders = list(itertools.permutations(range(3)))
+    reordered = 0
+    for image in batch:
+        matches = [order for original in images for order in orders if torch.equal(image, original[list(order)])]
+        assert matches, 'every training image is a dataset image with its channels reordered'
+        reordered += (0, 1, 2) not in matches
+    assert reordered > 0
+
+
+def test_make_trainer_uses_the_preset_and_noise_levels(shapes_zip):
+    from training.dataset import ImageFolderDataset
+    dataset = ImageFolderDataset(shapes_zip, cache=True)
+    trainer = quality_vs_time.make_trainer(dataset, 0.5, 0, 4, 2e-3, 2, 'cpu', preset='cpu-demo', P_mean=-0.4,
+                                           P_std=1.4, channels_last=True)
+    assert sum(p.numel() for p in trainer.net.parameters()) < 0.6e6   # cpu-demo: 0.45M; cpu-small: 1.7M
+    assert (trainer.loss_fn.P_mean, trainer.loss_fn.P_std) == (-0.4, 1.4)
+    conv = next(p for p in trainer.net.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_mean_curves_average_over_seeds():

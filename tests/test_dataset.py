@@ -208,13 +208,14 @@ def test_demo_images_are_deterministic_per_index():
     np.testing.assert_array_equal(streamed[4][0], demo_data.make_shape_image(4, 8)[0])
 
 
-def test_demo_shapes_are_large_centred_and_contrasting():
+def test_demo_shapes_are_large_centred_bright_on_dark_and_coloured_by_class():
+    palette = np.array(demo_data.CLASS_COLOURS) * 255
     for index in range(25):
-        image = demo_data.make_shape_image(index, 64)[0].astype(np.float64)
-        luma = image.mean(axis=2)
-        # Background channels are all >= 140 and the shape's all <= 115, or the
-        # reverse, so mid-grey luma separates them; a corner is background.
-        shape = (luma < 127.5) if luma[0, 0] > 127.5 else (luma > 127.5)
+        image, label = demo_data.make_shape_image(index, 64)
+        image = image.astype(np.float64)
+        # Background channels are all <= 46 and the shape has one >= 196, so
+        # the brightest channel at mid-grey separates them; a corner is background.
+        shape = image.max(axis=2) > 127.5
         rows, cols = np.nonzero(shape)
         extent = max(np.ptp(rows), np.ptp(cols)) + 1
         assert 0.38 * 64 <= extent <= 0.75 * 64, (index, extent)
@@ -223,6 +224,13 @@ def test_demo_shapes_are_large_centred_and_contrasting():
         assert not shape[[0, 0, -1, -1], [0, -1, 0, -1]].any()
         corners = image[[0, 0, -1, -1], [0, -1, 0, -1]]
         assert (corners == corners[0]).all(), index   # one flat background colour
+        assert corners.max() <= 0.18 * 255 + 0.5
+        # The colour tells the class: the shape's own colour (its commonest, the
+        # edges being blends with the background) is nearest to its class colour.
+        colours, counts = np.unique(image[shape], axis=0, return_counts=True)
+        colour = colours[np.argmax(counts)]
+        assert np.abs(colour - palette[label]).max() <= 0.08 * 255 + 1, (index, colour)
+        assert np.argmin(np.linalg.norm(palette - colour, axis=1)) == label
 
 
 @pytest.mark.parametrize('resolution', [4, 12, 7.0])
