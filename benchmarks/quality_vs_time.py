@@ -3,11 +3,17 @@ real_p = 0.5 (Patch Diffusion), trained for equal time, over several seeds.
 
     python benchmarks/quality_vs_time.py --minutes=3 --seeds=2 --threads=2
 
+The networks are a preset of bench_common (--preset; default cpu-demo, the
+`make demo` network), trained by training_loop.Trainer with the given loss noise
+levels (--P-mean, --P-std) and memory format (--channels-last).
+
 The metric is NOT Inception-FID. It is the Frechet distance between the
 features of generated and dataset images, where the features are the
 penultimate layer of a small convolutional classifier trained here, in a
-minute, on the dataset's class labels (the 5 shapes of the demo data). Such
-a network needs no download; it is saved as TorchScript and loaded with
+minute, on the dataset's class labels (the 5 shapes of the demo data), with
+the colour channels of its training images in random order so that it tells
+the shapes apart by outline, not by the demo data's class colours. Such a
+network needs no download; it is saved as TorchScript and loaded with
 training.metrics.load_detector, so the statistics go through the same code
 as `fid.py --detector=PATH`. Its numbers are comparable only with each
 other (same detector, same number of images, same sampler settings).
