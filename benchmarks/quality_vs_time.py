@@ -158,12 +158,14 @@ def train_equal_time(trainers, budget_s, checkpoints, slice_s, clock=time.perf_c
     return points
 
 
-def make_trainer(dataset, real_p, seed, batch, lr, ema_kimg, device, preset='cpu-demo', P_mean=-1.2, P_std=1.2,
+def make_trainer(dataset, real_p, seed, batch, lr, ema_kimg, device, preset='cpu-demo', P_mean=None, P_std=None,
                  channels_last=False):
-    """A Trainer of a preset's network (default cpu-demo, the `make demo` network) on `dataset`."""
+    """A Trainer of a preset's network (default cpu-demo, the `make demo` network) on `dataset`.
+    P_mean, P_std: the EDM loss's noise levels (None: the loss's defaults, as in train.py)."""
+    loss_kwargs = dict(loss='edm')
+    loss_kwargs.update({k: v for k, v in (('P_mean', P_mean), ('P_std', P_std)) if v is not None})
     return Trainer(dataset=dataset, data_loader_kwargs=dict(num_workers=0),
-                   network_kwargs=common.network_kwargs(common.PRESETS[preset]),
-                   loss_kwargs=dict(loss='edm', P_mean=P_mean, P_std=P_std),
+                   network_kwargs=common.network_kwargs(common.PRESETS[preset]), loss_kwargs=loss_kwargs,
                    optimizer_kwargs=dict(lr=lr, betas=(0.9, 0.999), eps=1e-8),
                    patch_kwargs=dict(real_p=real_p), seed=seed, batch_size=batch, total_kimg=1e6,
                    ema_halflife_kimg=ema_kimg, lr_rampup_kimg=1, device=device, channels_last=channels_last)
@@ -255,10 +257,10 @@ def plot(summary, path):
 @click.option('--preset', type=click.Choice(['cpu-demo', 'cpu-small']), default='cpu-demo', show_default=True,
               help='The network (bench_common.PRESETS; cpu-demo is the `make demo` network)')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), help='Batch size  [default: the preset\'s]')
-@click.option('--P-mean', '--P_mean', 'P_mean', metavar='FLOAT', type=float, default=-1.2, show_default=True,
-              help='EDM loss: mean of ln(sigma)')
+@click.option('--P-mean', '--P_mean', 'P_mean', metavar='FLOAT', type=float,
+              help='EDM loss: mean of ln(sigma)  [default: the loss\'s, -1.2]')
 @click.option('--P-std', '--P_std', 'P_std', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
-              default=1.2, show_default=True, help='EDM loss: std of ln(sigma)')
+              help='EDM loss: std of ln(sigma)  [default: the loss\'s, 1.2]')
 @click.option('--channels-last', 'channels_last', is_flag=True, help='Networks in channels-last memory format')
 @click.option('--lr', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
 @click.option('--ema', 'ema_kimg', metavar='KIMG', type=click.FloatRange(min=0), default=2, show_default=True,
@@ -329,6 +331,7 @@ def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, preset, b
         for seed in range(seeds):
             trainers = {p: make_trainer(dataset, p, seed, batch, lr, ema_kimg, device, preset, P_mean, P_std,
                                         channels_last) for p in real_ps}
+            loss_fn = next(iter(trainers.values())).loss_fn   # its noise levels go into the summary
             points = train_equal_time(trainers, minutes * 60, checkpoints, slice_s)
             for p, seed_points in points.items():
                 for point in seed_points:
@@ -340,7 +343,8 @@ def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, preset, b
 
     summary = dict(metric=METRIC_NAME, detector_accuracy=accuracy, feature_dim=int(mu_ref.shape[0]),
                    floor_fd=floor_fd, minutes=minutes, seeds=seeds, checkpoints=checkpoints, slice_s=slice_s,
-                   preset=preset, P_mean=P_mean, P_std=P_std, channels_last=channels_last, batch=batch, lr=lr, ema_kimg=ema_kimg, eval_images=eval_images, sample_steps=sample_steps,
+                   preset=preset, P_mean=loss_fn.P_mean, P_std=loss_fn.P_std, channels_last=channels_last,
+                   batch=batch, lr=lr, ema_kimg=ema_kimg, eval_images=eval_images, sample_steps=sample_steps,
                    runs=runs, mean=mean_curves(runs), total_s=time.time() - start)
     summary.update(info, loadavg_end=[round(x, 2) for x in os.getloadavg()])
     for key, curve in summary['mean'].items():

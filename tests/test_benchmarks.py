@@ -282,6 +282,8 @@ def test_make_trainer_uses_the_preset_and_noise_levels(shapes_zip):
     assert (trainer.loss_fn.P_mean, trainer.loss_fn.P_std) == (-0.4, 1.4)
     conv = next(p for p in trainer.net.parameters() if p.ndim == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)
+    default = quality_vs_time.make_trainer(dataset, 1.0, 0, 4, 2e-3, 2, 'cpu')   # noise levels left to the loss
+    assert (default.loss_fn.P_mean, default.loss_fn.P_std) == (-1.2, 1.2)
 
 
 def test_mean_curves_average_over_seeds():
@@ -299,6 +301,7 @@ def test_quality_vs_time_cli_scores_every_checkpoint(shapes_zip):
     assert result.exit_code == 0, result.output
     summary = last_json_line(result.output)
     assert 'NOT Inception-FID' in summary['metric'] and summary['feature_dim'] == 64
+    assert (summary['P_mean'], summary['P_std'], summary['preset']) == (-1.2, 1.2, 'cpu-demo')
     for key in ('1.0', '0.5'):
         points = summary['runs'][key][0]['points']
         assert [p['time_s'] >= mark for p, mark in zip(points, [0.6, 1.2])] == [True, True]

@@ -351,7 +351,7 @@ def test_two_ranks_draw_the_same_patch_sizes(shapes_zip, tmp_path, subprocess_en
 def test_two_nodes_on_localhost(shapes_zip, tmp_path, subprocess_env, free_port):
     """Two torchrun 'nodes' of one process each train together; rank 0 writes."""
     # One retry in a fresh folder on a fresh port: once in ~5 full-suite runs this hung (both processes past
-    # the rendezvous, no collective timing out), and once it failed, never when run alone: another test's
+    # the rendezvous, no collective timing out), and once it failed, never when run alone: possibly another test's
     # process can take the free port between its pick and the rendezvous. Not yet understood further (see
     # issue 3's note). A broken launch fails both attempts.
     failures = []
