@@ -7,8 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo-run
 DEMO_DATA ?= datasets/demo-shapes-32x32.zip
-# A 0.45M-parameter DDPM++ on 32x32 patches of the demo shapes, 100 kimg: ~8.5 minutes on 2 CPU cores
-# (90 kimg saved a minute but gave visibly more broken shapes).
+# A 0.43M-parameter DDPM++ on 32x32 patches of the demo shapes, 100 kimg: ~8.5 minutes on 2 CPU cores
+# (docs/PERFORMANCE.md has the measurements behind this recipe).
 # Short runs gain most from more images through a smaller network; batch 16 gives more steps per image;
 # channels-last makes the CPU convolutions ~15% faster.
 # --P_mean/--P_std put more training on high noise levels, which a short run needs for the global layout.

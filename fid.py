@@ -22,7 +22,7 @@ def _run(fn, **kwargs):
         dist.init(kwargs.pop('device'))
         fn(**kwargs)
     except (ValueError, OSError, RuntimeError) as err:
-        raise click.ClickException(' '.join(str(err).split())) from None
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
     finally:
         dist.shutdown()
 
@@ -69,16 +69,9 @@ def calc(**kwargs):
 
 
 def _calc(image_path, ref_path, num_expected, seed, allow_small, batch, detector, workers):
-    dist.print0(f'Loading reference statistics from "{ref_path}"...')
-    mu_ref, sigma_ref = metrics.load_ref(ref_path)
-    dist.print0('Loading the feature detector...')
-    detector_net = metrics.load_detector(detector, dist.get_device())
-    dist.print0(f'Loading images from "{image_path}"...')
-    mu, sigma = metrics.calculate_stats_for_folder(image_path, detector_net, num=num_expected, seed=seed,
-                                                   allow_small=allow_small, batch_size=batch, num_workers=workers,
-                                                   progress=True)
-    dist.print0('Calculating FID...')
-    fid = metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    dist.print0(f'Calculating FID of "{image_path}" against "{ref_path}"...')
+    fid = metrics.calculate_fid(image_path, ref_path, detector=detector, num=num_expected, seed=seed,
+                                allow_small=allow_small, batch_size=batch, num_workers=workers, progress=True)
     dist.print0(f'{fid:g}')
 
 

@@ -1,45 +1,33 @@
 """Generate images with a trained network: ours, EDM's or the official Patch
-Diffusion's network pickles (SPEC.md sections 1 and 3). Samples of latent
-models are decoded to pixels with their VAE (SPEC.md section 2).
+Diffusion's network pickles, or our .safetensors snapshots
+(docs/DESIGN.md sections 1 and 4). Samples of latent models are decoded to
+pixels with their VAE.
 
-A thin command line around training.sampling.generate_images. Runs alone or
-under torchrun, the ranks splitting the seeds; image k depends only on seed k.
+    python generate.py --outdir=out --seeds=0-63 --network=network-snapshot-000100.pkl
+    python generate.py convert --network=net.pkl --dest=net.safetensors
+
+A thin command line around training.generation.generate_images. Runs alone
+or under torchrun, the ranks splitting the seeds; image k depends only on
+seed k.
 """
 
 import os
 
 import click
-import numpy as np
-import PIL.Image
 import torch
 import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import latents, sampling
+from training import denoiser, generation, image_io, latents, samplers, snapshots
 
 
-def _load_image(path):
-    """A PNG -> uint8 [C, H, W] tensor (C = 1 or 3)."""
-    array = np.asarray(PIL.Image.open(path))
-    array = array[:, :, None] if array.ndim == 2 else array
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+@click.group(cls=dnnlib.util.DefaultGroup, default='generate')
+def cli():
+    """Generate images (the default command), or convert a pickle to .safetensors."""
 
 
-def _write_grid(outdir, seeds, subdirs):
-    """outdir/grid.png from the PNGs of `seeds` (written by all ranks)."""
-    images = torch.stack([_load_image(sampling.image_path(outdir, seed, subdirs)) for seed in seeds])
-    return sampling.save_image_grid(images, os.path.join(outdir, 'grid.png'))
-
-
-def _init_device(device):
-    try:
-        return dist.init(device)
-    except RuntimeError as err:
-        raise click.ClickException(str(err)) from err
-
-
-@click.command()
+@cli.command('generate')
 @click.option('--network', 'network_pkl', help='Network snapshot (network-snapshot-*.pkl or .safetensors; ours, EDM or official)', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Folder for the PNGs', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Seeds, one image each (e.g. 0-49999 or 1,2,5-10)', metavar='LIST', type=str, default='0-63', show_default=True)
@@ -63,14 +51,14 @@ def _init_device(device):
 @click.option('--S_max', 'S_max', help='Churn only at noise levels <= S_max', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
 @click.option('--S_noise', 'S_noise', help='Scale of the churn noise', metavar='FLOAT', type=float, default=1, show_default=True)
 
-@click.option('--solver', help='Ablation: ODE solver', metavar='euler|heun', type=click.Choice(sampling.SOLVERS))
-@click.option('--disc', 'discretization', help='Ablation: time step discretization', metavar='vp|ve|iddpm|edm', type=click.Choice(sampling.DISCRETIZATIONS))
-@click.option('--schedule', help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(sampling.SCHEDULES))
-@click.option('--scaling', help='Ablation: signal scaling s(t)', metavar='vp|none', type=click.Choice(sampling.SCALINGS))
+@click.option('--solver', help='Ablation: ODE solver', metavar='euler|heun', type=click.Choice(samplers.SOLVERS))
+@click.option('--disc', 'discretization', help='Ablation: time step discretization', metavar='vp|ve|iddpm|edm', type=click.Choice(samplers.DISCRETIZATIONS))
+@click.option('--schedule', help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(samplers.SCHEDULES))
+@click.option('--scaling', help='Ablation: signal scaling s(t)', metavar='vp|none', type=click.Choice(samplers.SCALINGS))
 @dnnlib.util.debug_option
 @dnnlib.util.cli_errors
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, resolution, grid, device, on_latents, vae,
-         scale_factor, **sampler_kwargs):
+def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, resolution, grid, device,
+             on_latents, vae, scale_factor, **sampler_kwargs):
     """Generate images with the EDM sampler, or the ablation sampler when any
     of --solver, --disc, --schedule, --scaling is given.
 
@@ -87,43 +75,78 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, re
     \b
     # An official Patch Diffusion latent model (ours record their VAE in the pickle)
     python generate.py --outdir=out --seeds=0-63 --on_latents=1 --cfg=1.3 --network=imagenet-latent.pkl
+
+    \b
+    # A pickle you trust as a .safetensors snapshot (no code inside): see
+    python generate.py convert --help
     """
-    device = _init_device(device)
     try:
-        seeds = sampling.parse_seeds(seeds)
+        device = dist.init(device)
+    except RuntimeError as err:
+        raise ValueError(f'--device={device}: {err}') from None
+    try:
+        seeds = dnnlib.util.parse_int_list(seeds)
     except ValueError as err:
-        raise click.ClickException(str(err)) from err
+        raise ValueError(f'--seeds: {err}') from None
+    if not seeds:
+        raise ValueError('--seeds is empty; give seeds such as 0-63')
 
     # Rank 0 loads first (and fills the download cache), the other ranks after it.
-    if dist.get_rank() != 0:
-        dist.barrier()
     dist.print0(f'Loading network from "{network_pkl}"...')
-    try:
-        net, meta = sampling.load_network(network_pkl, device, verbose=(dist.get_rank() == 0))
-        latent = latents.generation_latent(meta.get('latent'), on_latents, vae, scale_factor)
-        channels = sampling.network_info(net).img_channels
-        if latent is None and channels not in (1, 3):
-            raise ValueError(f'The network makes {channels}-channel samples, not images; if it was trained on '
-                             f'VAE latents, add --on_latents=1 (and --vae)')
-        batches = sampling.generate_images(net, seeds, batch_size=max_batch_size, class_idx=class_idx, cfg=cfg,
-                                           device=device, resolution=resolution, latent=latent, **sampler_kwargs)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
-    if dist.get_rank() == 0:
-        dist.barrier()
+    net, latent = dist.rank0_first(lambda: load(network_pkl, device, on_latents, vae, scale_factor))
+    batches = generation.generate_images(net, seeds, batch_size=max_batch_size, class_idx=class_idx, cfg=cfg,
+                                         device=device, resolution=resolution, latent=latent, **sampler_kwargs)
 
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
-    num_batches = len(sampling.rank_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()))
+    num_batches = len(generation.rank_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()))
     for batch_seeds, images in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(dist.get_rank() != 0)):
         for seed, image in zip(batch_seeds, images.cpu()):
-            sampling.save_image(image, sampling.image_path(outdir, seed, subdirs))
+            image_io.save_image(image, image_io.image_path(outdir, seed, subdirs))
 
     dist.barrier()
     if grid and dist.get_rank() == 0:
-        dist.print0(f'Grid: {_write_grid(outdir, seeds, subdirs)}')
+        images = torch.stack([image_io.load_image(image_io.image_path(outdir, seed, subdirs)) for seed in seeds])
+        dist.print0(f'Grid: {image_io.save_image_grid(images, os.path.join(outdir, "grid.png"))}')
     dist.print0('Done.')
     dist.shutdown()
 
 
+def load(network_pkl, device, on_latents, vae, scale_factor):
+    """(net, latent metadata or None) of a snapshot, checked for sampling images."""
+    net, meta = snapshots.load_network(network_pkl, device, verbose=(dist.get_rank() == 0))
+    latent = latents.generation_latent(meta.get('latent'), on_latents, vae, scale_factor)
+    channels = denoiser.network_info(net).img_channels
+    if latent is None and channels not in (1, 3):
+        raise ValueError(f'The network makes {channels}-channel samples, not images; if it was trained on '
+                         f'VAE latents, add --on_latents=1 (and --vae)')
+    return net, latent
+
+
+@cli.command()
+@click.option('--network', 'network_pkl', help='Network pickle to convert (ours; EDM\'s where our classes rebuild it)', metavar='PKL|URL', type=str, required=True)
+@click.option('--dest', help='The .safetensors file to write', metavar='PATH', type=str, required=True)
+@dnnlib.util.debug_option
+@dnnlib.util.cli_errors
+def convert(network_pkl, dest):
+    """Convert a network pickle you trust to a .safetensors snapshot.
+
+    The .safetensors file holds the weights and JSON metadata, no code: it
+    loads without unpickling anything (generate.py --network, train.py
+    --transfer). The conversion is refused unless the rebuilt network
+    computes exactly what the pickled one does.
+
+    \b
+    python generate.py convert --network=network-snapshot-000100.pkl --dest=network-snapshot-000100.safetensors
+    """
+    if not dest.lower().endswith('.safetensors'):
+        raise ValueError(f'--dest={dest} must end with .safetensors')
+    if os.path.exists(dest):
+        raise ValueError(f'--dest={dest} exists; choose a new name')
+    snapshots.convert_snapshot(network_pkl, dest)
+    click.echo(f'Wrote {dest}')
+
+
+main = cli
+
 if __name__ == '__main__':
-    main()
+    cli()

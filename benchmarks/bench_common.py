@@ -1,22 +1,27 @@
-"""What the benchmarks share: presets, data, the machine description, peak
-memory and timing helpers.
+"""What the benchmarks share: presets, data, the Trainer, the machine
+description, peak memory and timing helpers.
 
-Presets name a network and a batch the way train.py does (an entry of
-train.ARCHITECTURES plus overrides):
+A preset is a set of train.py option values (training.config.DEFAULTS
+names) for the network, the batch and the learning rate, plus the shape of
+its default data; benchmarks resolve the options with training.config, as
+train.py does:
 
     cpu-small   DDPM++ 32x32, cbase 32, cres 1,2,2, 2 blocks, no attention,
-                batch 32 (session 1's `make demo` network): seconds per step on 2 cores
+                batch 32: seconds per step on 2 cores
     cpu-demo    the `make demo` network: DDPM++ 32x32, cbase 16, cres 1,2,2,
                 2 blocks, no attention, batch 16
     gpu-paper   DDPM++ 64x64 with the paper's CelebA settings: cres 1,2,2,2,
                 dropout 0.05, batch 256
     gpu-latent  ADM on 32x32x4 latent-shaped data (a 256x256 image through the
                 Stable Diffusion VAE), latent patch sizes {16, 32}, batch 256
+
+No preset augments (train.py's default --augment is 0.12).
 """
 
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -31,46 +36,55 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-import dataset_tool  # noqa: E402
-from train import ARCHITECTURES  # noqa: E402
-from training.dataset import ImageFolderDataset  # noqa: E402
+import dnnlib  # noqa: E402
+from dnnlib.util import atomic_write  # noqa: E402
+from training import config  # noqa: E402
+from training.archive import convert_dataset  # noqa: E402
+from training.dataset import dataset_class_name, open_dataset  # noqa: E402
+from training.training_loop import Trainer  # noqa: E402
+
+# Training time of a benchmark Trainer (train.py --duration, Mimg): never reached,
+# so that the progressive patch schedule stays at the start of a run.
+DURATION_MIMG = 1000
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A benchmark configuration. `data`: 'demo' (demo shapes made on the fly)
-    or 'random' (random latent statistics in memory: RandomLatentDataset)."""
-    arch: str
+    """A benchmark configuration. `options`: train.py option values
+    (training.config.DEFAULTS names); `resolution`, `channels`: the shape of
+    its default data; `data`: 'demo' (demo shapes made on the fly) or
+    'random' (random latent statistics in memory: RandomLatentDataset)."""
+    options: dict
     resolution: int
     channels: int
-    batch: int
-    batch_gpu: int
-    lr: float
-    network: dict
-    latent: bool = False
     data: str = 'demo'
 
 
 PRESETS = {
-    'cpu-small': Preset(arch='ddpmpp', resolution=32, channels=3, batch=32, batch_gpu=32, lr=2e-3,
-                        network=dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[],
-                                     dropout=0.0)),
-    'cpu-demo': Preset(arch='ddpmpp', resolution=32, channels=3, batch=16, batch_gpu=16, lr=2e-3,
-                       network=dict(model_channels=16, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[],
-                                    dropout=0.0)),
-    'gpu-paper': Preset(arch='ddpmpp', resolution=64, channels=3, batch=256, batch_gpu=64, lr=2e-4,
-                        network=dict(channel_mult=[1, 2, 2, 2], dropout=0.05)),
-    'gpu-latent': Preset(arch='adm', resolution=32, channels=4, batch=256, batch_gpu=64, lr=1e-4,
-                         network=dict(dropout=0.1), latent=True, data='random'),
+    'cpu-small': Preset(dict(arch='ddpmpp', cbase=32, cres=[1, 2, 2], blocks=2, attn=[], dropout=0, augment=0,
+                             batch=32, batch_gpu=32, lr=2e-3), resolution=32, channels=3),
+    'cpu-demo': Preset(dict(arch='ddpmpp', cbase=16, cres=[1, 2, 2], blocks=2, attn=[], dropout=0, augment=0,
+                            batch=16, batch_gpu=16, lr=2e-3), resolution=32, channels=3),
+    'gpu-paper': Preset(dict(arch='ddpmpp', cres=[1, 2, 2, 2], dropout=0.05, augment=0, batch=256, batch_gpu=64,
+                             lr=2e-4), resolution=64, channels=3),
+    'gpu-latent': Preset(dict(arch='adm', dropout=0.1, augment=0, batch=256, batch_gpu=64, lr=1e-4),
+                         resolution=32, channels=4, data='random'),
 }
 
 
-def network_kwargs(preset, use_fp16=False):
-    """The network_kwargs of training_loop.Trainer for a preset (as train.py builds them)."""
-    kwargs = dict(precond='edm', **ARCHITECTURES[preset.arch])
-    kwargs.update(preset.network)
-    kwargs.update(use_fp16=use_fp16, use_pos=True, pos_freqs=0, implicit_mlp=False)
-    return kwargs
+def network_kwargs(preset):
+    """The resolved network options of a preset (training.config.network_kwargs)."""
+    return config.network_kwargs(dnnlib.EasyDict(config.DEFAULTS, **preset.options))
+
+
+def make_trainer(preset, dataset, device='cpu', **options):
+    """A training_loop.Trainer on the opened `dataset`, configured by
+    training.config.build_config from the preset's options, then `options`
+    (train.py option values: real_p, batch, seed, ...). No DataLoader
+    workers unless options say so; a --duration that is never reached."""
+    options = {**preset.options, 'duration': DURATION_MIMG, 'workers': 0, **options, 'device': str(device)}
+    c = config.build_config(options, dataset)
+    return Trainer(dataset=dataset, device=c.device, **config.trainer_kwargs(c))
 
 
 # ----------------------------------------------------------------------------
@@ -108,19 +122,21 @@ class RandomLatentDataset(torch.utils.data.Dataset):
 
 def build_demo_dataset(dest, resolution, count=2000):
     """Write `count` demo shapes at resolution x resolution to the zip `dest`; returns dest."""
-    dataset_tool.convert_dataset(f'demo:shapes:{count}', dest, resolution=(resolution, resolution))
+    convert_dataset(f'demo:shapes:{count}', dest, resolution=(resolution, resolution))
     return dest
 
 
-def open_dataset(preset, data, workdir, use_labels=False, max_size=None, demo_count=2000):
-    """The benchmark's dataset: `data` (a zip or folder), or the preset's
-    default made in `workdir` (demo shapes, or random latent statistics)."""
+def benchmark_dataset(preset, data, workdir, use_labels=False, max_size=None, demo_count=2000):
+    """The benchmark's dataset: `data` (an image or pre-encoded latent zip or
+    folder), or the preset's default made in `workdir` (demo shapes, or
+    random latent statistics)."""
     if data is None and preset.data == 'random':
         return RandomLatentDataset(max_size or demo_count, preset.channels, preset.resolution)
     if data is None:
         data = build_demo_dataset(os.path.join(workdir, f'demo-shapes-{preset.resolution}.zip'), preset.resolution,
                                   demo_count)
-    return ImageFolderDataset(data, use_labels=use_labels, max_size=max_size, cache=True)
+    return open_dataset(dict(class_name=dataset_class_name(data), path=data, use_labels=use_labels,
+                             max_size=max_size, cache=True))
 
 
 # ----------------------------------------------------------------------------
@@ -129,8 +145,6 @@ def open_dataset(preset, data, workdir, use_labels=False, max_size=None, demo_co
 
 def emit_summary(summary, json_path=None):
     """Print the one-line JSON summary (a benchmark's last line) and, if asked, write it to json_path."""
-    import json
-    from dnnlib.util import atomic_write
     line = json.dumps(summary)
     if json_path:
         with atomic_write(json_path, 'w') as f:
@@ -286,15 +300,4 @@ def parse_float_list(text):
         raise ValueError(f'{text!r} is not a comma-separated list of numbers, e.g. 1,0.5,0.25') from None
     if not values:
         raise ValueError('the list is empty; give e.g. 1,0.5,0.25')
-    return values
-
-
-def parse_int_list(text):
-    """'16,64' -> [16, 64]."""
-    try:
-        values = [int(part) for part in text.split(',') if part.strip()]
-    except ValueError:
-        raise ValueError(f'{text!r} is not a comma-separated list of integers, e.g. 16,64') from None
-    if not values or min(values) < 1:
-        raise ValueError(f'{text!r}: give positive integers, e.g. 16,64')
     return values

@@ -1,4 +1,4 @@
-"""Sampling throughput: images/s of training.sampling.generate_images (the
+"""Sampling throughput: images/s of training.generation.generate_images (the
 code behind generate.py), for a network pickle or a freshly built network.
 
     python benchmarks/bench_sample.py --preset=cpu-small --steps=18 --batch=8,32 --threads=2
@@ -17,8 +17,9 @@ import click
 import torch
 
 import bench_common as common
-from training import sampling
-from training.training_loop import build_network
+import dnnlib
+from training import denoiser, generation, snapshots
+from training.networks import build_network
 
 
 def fresh_network(preset, device):
@@ -35,8 +36,8 @@ def network_evaluations(steps):
 def time_generation(net, num, batch_size, steps, device, first_seed=0):
     """Wall seconds to generate `num` images (seeds first_seed ..) in batches of `batch_size`."""
     def run():
-        for _seeds, images in sampling.generate_images(net, range(first_seed, first_seed + num), batch_size,
-                                                       device=device, num_steps=steps):
+        for _seeds, images in generation.generate_images(net, range(first_seed, first_seed + num), batch_size,
+                                                         device=device, num_steps=steps):
             images.cpu()
     return common.timed(run, device)[1]
 
@@ -62,7 +63,7 @@ def measure(net, batch_sizes, num, steps, rounds, warmup, device):
               help='Network to build when no --network is given')
 @click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True,
               help='Sampler steps N')
-@click.option('--batch', 'batch', metavar='LIST', default='16', show_default=True,
+@click.option('--batch', 'batch_sizes', metavar='LIST', type=dnnlib.util.IntList(), default='16', show_default=True,
               help='Batch sizes to compare, e.g. 8,32')
 @click.option('--num', metavar='INT', type=click.IntRange(min=1),
               help='Images per timed block  [default: the largest batch size]')
@@ -72,12 +73,10 @@ def measure(net, batch_sizes, num, steps, rounds, warmup, device):
 @click.option('--device', 'device_name', metavar='STR', help='cpu, cuda or cuda:N  [default: cuda if available]')
 @click.option('--threads', metavar='INT', type=click.IntRange(min=1), help='torch CPU threads  [default: torch\'s]')
 @click.option('--json', 'json_path', metavar='PATH', type=str, help='Also write the JSON summary to this file')
-def main(network_path, preset, steps, batch, num, rounds, warmup, device_name, threads, json_path):
+def main(network_path, preset, steps, batch_sizes, num, rounds, warmup, device_name, threads, json_path):
     """Images per second of the EDM sampler."""
-    try:
-        batch_sizes = common.parse_int_list(batch)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint='--batch') from None
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise click.BadParameter('give positive batch sizes, e.g. 8,32', param_hint='--batch')
     device = torch.device(device_name or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device=cuda but CUDA is not available; use --device=cpu')
@@ -88,14 +87,14 @@ def main(network_path, preset, steps, batch, num, rounds, warmup, device_name, t
 
     if network_path is not None:
         try:
-            net, _meta = sampling.load_network(network_path, device=device)
+            net, _meta = snapshots.load_network(network_path, device=device)
         except ValueError as err:
             raise click.ClickException(str(err)) from None
         source = network_path
     else:
         net = fresh_network(common.PRESETS[preset], device)
         source = f'fresh {preset} network'
-    resolution = sampling.sampling_resolution(net)
+    resolution = denoiser.sampling_resolution(net)
     params = sum(p.numel() for p in net.parameters())
     nfe = network_evaluations(steps)
     print(f'{source}: {params / 1e6:.2f}M parameters, {resolution}x{resolution}; {steps} steps = {nfe} network '

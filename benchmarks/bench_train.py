@@ -5,10 +5,11 @@ Adam, EMA).
     python benchmarks/bench_train.py --preset=cpu-small --threads=1
     python benchmarks/bench_train.py --preset=gpu-paper --precision=bf16 --real-p=1,0.5
 
-One Trainer per real_p, all in one process. After a warm-up, the
-configurations ALTERNATE: each round runs a block of --block steps of every
-configuration (the order rotates from round to round), so a slow spell of a
-shared machine hits all of them alike.
+One Trainer per real_p, configured from the preset's train.py options by
+training.config as train.py configures one, all in one process. After a
+warm-up, the configurations ALTERNATE: each round runs a block of --block
+steps of every configuration (the order rotates from round to round), so a
+slow spell of a shared machine hits all of them alike.
 
 A step's work depends only on its patch size P (m = R/P times the batch of
 P x P patches), not on real_p. The step times are therefore pooled by patch
@@ -18,9 +19,9 @@ size over all configurations, and
     kimg_per_s(real_p)   = nimg_per_step(real_p) / sec_per_step / 1000
 
 with nimg_per_step = batch * E[m], the image accounting of the training loop
-(SPEC.md section 2). This is the long-run throughput; the plain mean over
-the steps that a short run happened to draw (`*_drawn` in the summary) is
-reported too. `ideal_ratio` is the speed-up if a step's time were
+(docs/DESIGN.md section 2). This is the long-run throughput; the plain mean
+over the steps that a short run happened to draw (`*_drawn` in the summary)
+is reported too. `ideal_ratio` is the speed-up if a step's time were
 proportional to its pixels: E[m] / E[P/R] (2.71x at real_p = 0.5).
 
 Peak memory: CUDA max_memory_allocated, or the growth of the process RSS on
@@ -32,10 +33,12 @@ import tempfile
 
 import click
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench_common as common
 from bench_common import float_key, gib, peak_tflops
-from training.training_loop import Trainer
+from training import patching
 
 WARMUP_EXTRA_CAP = 10   # extra warm-up steps allowed to see every patch size once
 EXTRA_ROUNDS_CAP = 4    # extra rounds allowed to time every patch size once
@@ -47,22 +50,12 @@ EXTRA_ROUNDS_CAP = 4    # extra rounds allowed to time every patch size once
 
 def make_trainers(preset, dataset, real_ps, precision='fp32', batch=None, batch_gpu=None, device='cpu', seed=0,
                   workers=0, channels_last=False, compile_net=False):
-    """{real_p: Trainer} on one shared dataset, with the preset's network and batch."""
-    batch = batch or preset.batch
-    batch_gpu = batch_gpu or preset.batch_gpu
-    loader = dict(num_workers=workers, pin_memory=torch.device(device).type == 'cuda')
-    if workers:
-        loader.update(prefetch_factor=2, persistent_workers=True)
-    trainers = {}
-    for real_p in real_ps:
-        trainers[real_p] = Trainer(
-            dataset=dataset, data_loader_kwargs=loader,
-            network_kwargs=common.network_kwargs(preset, use_fp16=(precision == 'fp16')),
-            loss_kwargs=dict(loss='edm'), optimizer_kwargs=dict(lr=preset.lr, betas=(0.9, 0.999), eps=1e-8),
-            patch_kwargs=dict(real_p=real_p, latent=preset.latent), seed=seed, batch_size=batch,
-            batch_gpu=batch_gpu, total_kimg=1e6, precision='bf16' if precision == 'bf16' else 'fp32',
-            device=device, channels_last=channels_last, compile_kwargs=dict(dynamic=False) if compile_net else None)
-    return trainers
+    """{real_p: Trainer} on one shared dataset, with the preset's network and
+    batch (batch, batch_gpu: None for the preset's)."""
+    options = dict(seed=seed, workers=workers, fp16=(precision == 'fp16'), bf16=(precision == 'bf16'),
+                   channels_last=channels_last, compile=compile_net)
+    options.update({key: value for key, value in (('batch', batch), ('batch_gpu', batch_gpu)) if value})
+    return {real_p: common.make_trainer(preset, dataset, device, real_p=real_p, **options) for real_p in real_ps}
 
 
 def set_backend_flags(device):
@@ -170,8 +163,6 @@ def step_flops(trainer, P):
     torch.utils.flop_counter on the uncompiled network with the trainer's
     loss and precision. Matrix products and convolutions only (what the
     tensor cores do); a multiply-add counts 2."""
-    from torch.utils.flop_counter import FlopCounterMode
-    from training import patching
     net, device = trainer.net, trainer.device
     rounds, batches_per_round = trainer.round_plan(trainer.schedule.multiplier(P))
     n = trainer.batch_gpu * batches_per_round
@@ -208,7 +199,6 @@ def add_flops(rows, trainers, precision, device_name, peak=None):
 def profile_patch_sizes(trainer, device, top=12, max_steps=30):
     """Profile steps of `trainer` with torch.profiler until each patch size was
     profiled once; returns {P: table text} of the `top` ops by self time."""
-    from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU]
     sort_by = 'self_cpu_time_total'
     if torch.device(device).type == 'cuda':
@@ -329,7 +319,7 @@ def main(preset, data, max_size, real_p, precision, batch, batch_gpu, rounds, bl
 
     with tempfile.TemporaryDirectory(prefix='bench-train-') as workdir:
         try:
-            dataset = common.open_dataset(chosen, data, workdir, max_size=max_size)
+            dataset = common.benchmark_dataset(chosen, data, workdir, max_size=max_size)
             trainers = make_trainers(chosen, dataset, real_ps, precision, batch, batch_gpu, device, seed, workers,
                                      channels_last, compile_net)
         except (OSError, ValueError) as err:
@@ -337,8 +327,8 @@ def main(preset, data, max_size, real_p, precision, batch, batch_gpu, rounds, bl
         first = next(iter(trainers.values()))
         params = sum(p.numel() for p in first.net.parameters())
         print(f'data {getattr(dataset, "name", data)}: {len(dataset)} images {dataset.num_channels}x'
-              f'{dataset.resolution}x{dataset.resolution}; network {chosen.arch} {params / 1e6:.2f}M parameters; '
-              f'batch {first.batch_gpu_total} in rounds of {first.batch_gpu}', flush=True)
+              f'{dataset.resolution}x{dataset.resolution}; network {chosen.options["arch"]} {params / 1e6:.2f}M '
+              f'parameters; batch {first.batch_gpu_total} in rounds of {first.batch_gpu}', flush=True)
         for key, trainer in trainers.items():
             print(f'  real_p {key:g}: {trainer.schedule.describe()}; {trainer.nimg_per_step:g} images/step')
         warm_up(trainers, warmup, device)
@@ -354,7 +344,7 @@ def main(preset, data, max_size, real_p, precision, batch, batch_gpu, rounds, bl
                 print(f'profile of one {P}px step (real_p {min(real_ps):g}):\n{table}')
 
     settings = dict(batch=first.batch_gpu_total, batch_gpu=first.batch_gpu, resolution=dataset.resolution,
-                    channels=dataset.num_channels, arch=chosen.arch, params=params, rounds=rounds,
+                    channels=dataset.num_channels, arch=chosen.options['arch'], params=params, rounds=rounds,
                     rounds_run=records[-1]['round'] + 1, block=block,
                     warmup=warmup, workers=workers, seed=seed, channels_last=channels_last, compile=compile_net)
     if tflop_by_patch:

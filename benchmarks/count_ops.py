@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench_common as common
 from training import patching
-from training.training_loop import build_network
+from training.networks import build_network
 
 
 class OperatorCounter(TorchDispatchMode):

@@ -40,9 +40,8 @@ import torch
 import bench_common as common
 from bench_common import float_key
 from dnnlib.util import atomic_path
-from training import metrics, sampling
+from training import generation, metrics
 from training.dataset import ImageFolderDataset
-from training.training_loop import Trainer
 
 METRIC_NAME = 'Frechet distance in shape-classifier features (NOT Inception-FID)'
 
@@ -160,15 +159,12 @@ def train_equal_time(trainers, budget_s, checkpoints, slice_s, clock=time.perf_c
 
 def make_trainer(dataset, real_p, seed, batch, lr, ema_kimg, device, preset='cpu-demo', P_mean=None, P_std=None,
                  channels_last=False):
-    """A Trainer of a preset's network (default cpu-demo, the `make demo` network) on `dataset`.
-    P_mean, P_std: the EDM loss's noise levels (None: the loss's defaults, as in train.py)."""
-    loss_kwargs = dict(loss='edm')
-    loss_kwargs.update({k: v for k, v in (('P_mean', P_mean), ('P_std', P_std)) if v is not None})
-    return Trainer(dataset=dataset, data_loader_kwargs=dict(num_workers=0),
-                   network_kwargs=common.network_kwargs(common.PRESETS[preset]), loss_kwargs=loss_kwargs,
-                   optimizer_kwargs=dict(lr=lr, betas=(0.9, 0.999), eps=1e-8),
-                   patch_kwargs=dict(real_p=real_p), seed=seed, batch_size=batch, total_kimg=1e6,
-                   ema_halflife_kimg=ema_kimg, lr_rampup_kimg=1, device=device, channels_last=channels_last)
+    """A Trainer of a preset's network (default cpu-demo, the `make demo` network) on `dataset`, in rounds
+    of the whole batch, with a 1-kimg learning-rate ramp-up. P_mean, P_std: the EDM loss's noise levels
+    (None: the loss's defaults, as in train.py)."""
+    return common.make_trainer(common.PRESETS[preset], dataset, device, real_p=real_p, seed=seed, batch=batch,
+                               batch_gpu=None, lr=lr, ema=ema_kimg / 1000, lr_rampup=1, P_mean=P_mean, P_std=P_std,
+                               channels_last=channels_last)
 
 
 # ----------------------------------------------------------------------------
@@ -177,8 +173,8 @@ def make_trainer(dataset, real_p, seed, batch, lr, ema_kimg, device, preset='cpu
 
 def sample_stats(net, detector, num, steps, device, batch_size=16):
     """(mu, sigma) of the detector features of `num` images of `net` (seeds 0 .. num-1)."""
-    batches = (images for _seeds, images in sampling.generate_images(net, range(num), batch_size, device=device,
-                                                                     num_steps=steps))
+    batches = (images for _seeds, images in generation.generate_images(net, range(num), batch_size, device=device,
+                                                                       num_steps=steps))
     return metrics.calculate_stats(batches, detector, num_expected=num, device=device)
 
 
@@ -287,7 +283,7 @@ def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, preset, b
         real_ps = common.parse_float_list(real_p)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--real-p') from None
-    batch = common.PRESETS[preset].batch if batch is None else batch
+    batch = common.PRESETS[preset].options['batch'] if batch is None else batch
     device = torch.device(device_name)
     common.set_threads(threads)
     info = common.machine_info(device)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -14,6 +15,7 @@ import urllib.parse
 
 import click
 import numpy as np
+import requests
 
 _RETRIES = 3
 _RETRY_DELAY_S = 1.0
@@ -168,7 +170,6 @@ def _remove_empty_folders(folders):
 
 
 def _remove_quietly(path):
-    import shutil
     try:
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -236,7 +237,6 @@ def open_url(path_or_url, cache=True, cache_dir=None, num_attempts=_RETRIES, tim
 
 
 def _download(url, cache_path, num_attempts, timeout, verbose):
-    import requests
     last_error = None
     for attempt in range(num_attempts):
         try:
@@ -255,6 +255,32 @@ def _download(url, cache_path, num_attempts, timeout, verbose):
         f'Could not download {url} after {num_attempts} attempts ({last_error}). '
         f'To work offline, download the file elsewhere and either pass its local path instead of the URL, '
         f'or copy it to {cache_path} (the download cache; set DNNLIB_CACHE_DIR to move it).')
+
+
+def one_line(text):
+    """`text` (or an exception's message) with all whitespace runs folded to single spaces."""
+    return ' '.join(str(text).split())
+
+
+def parse_int_list(text):
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]; '' or 'none' -> []; a list is returned as it is.
+
+    ValueError for anything else (negative numbers, backward ranges, words).
+    """
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    if str(text).strip().lower() in ('', 'none'):
+        return []
+    values = []
+    for part in str(text).split(','):
+        match = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if match is None:
+            raise ValueError(f'Cannot parse {text!r}: use non-negative integers and ranges, e.g. 1,2,5-10')
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise ValueError(f'The range {part.strip()!r} runs backwards; write it as {last}-{first}')
+        values.extend(range(first, last + 1))
+    return values
 
 
 def format_time(seconds):
@@ -326,10 +352,36 @@ def error_line(err):
     """One line that says what went wrong: the message of an expected error (a
     user error: ValueError, OSError, FloatingPointError), else its type and
     message with a hint to get the traceback."""
-    text = ' '.join(str(err).split())
+    text = one_line(err)
     if isinstance(err, _EXPECTED_ERRORS) and text:
         return text
     return f'{type(err).__name__}: {text or "(no message)"} (unexpected; --debug or PD_DEBUG=1 shows the traceback)'
+
+
+class DefaultGroup(click.Group):
+    """A click group that runs its command `default` when the first argument
+    names no subcommand, so `tool.py --flag=...` keeps working next to
+    `tool.py sub --flag=...` (and `tool.py --help` shows the default's help)."""
+
+    def __init__(self, *args, default=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands:
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+class IntList(click.ParamType):
+    """Click type of a list of integers: '1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (see parse_int_list)."""
+    name = 'list'
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_int_list(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 def cli_errors(fn):

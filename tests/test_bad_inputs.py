@@ -31,8 +31,9 @@ import dnnlib
 import fid
 import generate
 import train
-from training import sampling
+from training import networks, snapshots
 from training import training_loop as tl
+from training.archive import archive_name, convert_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning')
 
@@ -110,11 +111,11 @@ def good(tmp_path_factory):
     root = tmp_path_factory.mktemp('good')
     files = dnnlib.EasyDict(root=root)
     files.dataset = str(root / 'shapes-32x32.zip')
-    dataset_tool.convert_dataset('demo:shapes:8', files.dataset, resolution=(32, 32))
+    convert_dataset('demo:shapes:8', files.dataset, resolution=(32, 32))
     torch.manual_seed(0)
-    net = tl.build_network(TINY_NET, 16, 3, 0)
+    net = networks.build_network(TINY_NET, 16, 3, 0)
     files.pkl = str(root / 'net.pkl')
-    tl.save_snapshot(files.pkl, net, None, None, {}, snapshot_format='both')
+    snapshots.save_snapshot(files.pkl, net, None, None, {}, snapshot_format='both')
     files.safetensors = str(root / 'net.safetensors')
     files.state = str(root / 'state.pt')
     torch.save(dict(net=net.state_dict(), format='patch-diffusion-state-v1', step=1), files.state)
@@ -148,7 +149,7 @@ def tr(tmp, data, *extra):
 
 def dataset_zip(tmp, images, labels_json=None):
     """A dataset zip of uint8 arrays [H, W, C] named as dataset_tool names them."""
-    members = {dataset_tool.archive_name(i): png_bytes(image.squeeze(2) if image.shape[2] == 1 else image)
+    members = {archive_name(i): png_bytes(image.squeeze(2) if image.shape[2] == 1 else image)
                for i, image in enumerate(images)}
     if labels_json is not None:
         members['dataset.json'] = labels_json
@@ -229,7 +230,7 @@ CASES = {
     'tr-mismatched-sizes': (lambda tmp, good: tr(tmp, dataset_zip(tmp, [rgb(0, 32), rgb(1, 16)] * 4)), 'differs from the first'),
     'tr-wrong-channels': (lambda tmp, good: tr(tmp, dataset_zip(tmp, [rgb(0, 32), GRAY] * 4)), 'differs from the first'),
     'tr-unlabelled-cond': (lambda tmp, good: tr(tmp, dataset_zip(tmp, [rgb(0, 32)]), '--cond=1'), 'no labels'),
-    'tr-bad-cres': (lambda tmp, good: tr(tmp, good.dataset, '--cres=1,two'), 'not a list of integers'),
+    'tr-bad-cres': (lambda tmp, good: tr(tmp, good.dataset, '--cres=1,two'), 'Cannot parse'),
     'tr-batch-gpu': (lambda tmp, good: tr(tmp, good.dataset, '--batch-gpu=3'), 'divisible by --batch-gpu=3'),
     'tr-truncated-resume': (lambda tmp, good: tr(tmp, good.dataset, f'--resume={truncated_copy(good.state, tmp / "s.pt")}'),
                             'not a complete torch.save archive'),
@@ -372,7 +373,7 @@ def test_a_safetensors_name_is_never_unpickled(good, tmp_path, offline):
     assert_one_error_line(result, 'not a readable .safetensors')
     assert not marker.exists()
     with pytest.raises(ValueError, match='not a readable .safetensors'):
-        sampling.load_network(network)
+        snapshots.load_network(network)
     assert not marker.exists()
 
 

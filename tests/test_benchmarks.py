@@ -11,7 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
+import train
 from tests.conftest import REPO_ROOT, makefile_demo_flags
+from training import config, metrics
+from training.dataset import ImageFolderDataset
+from training.patching import PatchSchedule
 
 sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
 import bench_common  # noqa: E402
@@ -19,8 +24,6 @@ import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 import count_ops  # noqa: E402
 import quality_vs_time  # noqa: E402
-from training import metrics  # noqa: E402
-from training.patching import PatchSchedule  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -134,7 +137,7 @@ def test_bench_train_cli_prints_a_json_summary(shapes_zip):
 def test_step_flops_follow_the_patch_work(shapes_zip):
     """A patch step of m = R/P batches of P x P patches does P/R of the convolution
     work of a full-image step (the per-image embedding layers add a little)."""
-    dataset = bench_common.open_dataset(bench_common.PRESETS['cpu-small'], shapes_zip, None)
+    dataset = bench_common.benchmark_dataset(bench_common.PRESETS['cpu-small'], shapes_zip, None)
     trainers = bench_train.make_trainers(bench_common.PRESETS['cpu-small'], dataset, [0.5], batch=2)
     trainer = trainers[0.5]
     flops = {P: bench_train.step_flops(trainer, P) for P in trainer.schedule.sizes}
@@ -166,13 +169,34 @@ def test_peak_table_matches_specific_names_first():
 
 
 def test_cpu_demo_preset_is_the_make_demo_network():
-    flags = dict(flag.lstrip('-').split('=', 1) for flag in makefile_demo_flags())
+    """cpu-demo's options are those of `make demo`, as train.py parses them, so both build the same network."""
+    demo = train.main.make_context('train.py', makefile_demo_flags() + ['--outdir=unused', '--data=unused']).params
     preset = bench_common.PRESETS['cpu-demo']
-    assert (flags['arch'], int(flags['batch'])) == (preset.arch, preset.batch)
-    assert int(flags['cbase']) == preset.network['model_channels']
-    assert [int(c) for c in flags['cres'].split(',')] == preset.network['channel_mult']
-    assert int(flags['blocks']) == preset.network['num_blocks'] and flags['attn'] == 'none'
-    assert float(flags['lr']) == preset.lr and float(flags['dropout']) == preset.network['dropout']
+    given = {key: value for key, value in preset.options.items() if key != 'batch_gpu'}
+    assert {key: demo[key] for key in given} == given
+    assert demo['batch_gpu'] is None and preset.options['batch_gpu'] == preset.options['batch']   # one round
+    demo_options = dnnlib.EasyDict(config.DEFAULTS, **{k: v for k, v in demo.items() if k in config.DEFAULTS})
+    assert bench_common.network_kwargs(preset) == config.network_kwargs(demo_options)
+    net = bench_sample.fresh_network(preset, 'cpu')
+    assert sum(p.numel() for p in net.parameters()) == 429299   # pinned: the presets keep their networks
+
+
+def test_presets_are_train_py_options_without_augmentation():
+    for name, preset in bench_common.PRESETS.items():
+        assert set(preset.options) <= set(config.DEFAULTS), name
+        assert preset.options['augment'] == 0, name
+
+
+def test_trainer_on_random_latents_takes_the_latent_path():
+    """A RandomLatentDataset goes through training.config like a pre-encoded archive: latent patch sizes,
+    a network of the latents' channels, and the preset's precision option."""
+    dataset = bench_common.RandomLatentDataset(4, channels=4, resolution=16)
+    trainers = bench_train.make_trainers(bench_common.PRESETS['cpu-small'], dataset, [0.5], precision='bf16', batch=2)
+    trainer = trainers[0.5]
+    assert trainer.encoder is not None and trainer.encoder.info.vae == 'random-latents'
+    assert trainer.schedule.sizes == PatchSchedule(16, 0.5, latent=True).sizes
+    assert trainer.net.img_channels == 4 and trainer.autocast['enabled'] and trainer.augment_pipe is None
+    assert trainer.step() in trainer.schedule.sizes
 
 
 def test_bench_train_rejects_fp16_on_cpu(shapes_zip):
@@ -236,7 +260,6 @@ def test_feature_network_loads_like_fid_detector(tmp_path):
 
 
 def test_classifier_learns_the_demo_shapes(shapes_zip):
-    from training.dataset import ImageFolderDataset
     images, labels = quality_vs_time.load_labelled(ImageFolderDataset(shapes_zip, use_labels=True))
     assert images.dtype == torch.uint8 and labels.tolist() == [i % 5 for i in range(12)]
     torch.manual_seed(0)
@@ -255,7 +278,6 @@ def test_permute_channels_reorders_each_images_channels():
 
 
 def test_classifier_is_trained_on_permuted_colours(shapes_zip, monkeypatch):
-    from training.dataset import ImageFolderDataset
     images, labels = quality_vs_time.load_labelled(ImageFolderDataset(shapes_zip, use_labels=True))
     seen = []
     forward = quality_vs_time.ShapeClassifier.forward
@@ -274,12 +296,13 @@ def test_classifier_is_trained_on_permuted_colours(shapes_zip, monkeypatch):
 
 
 def test_make_trainer_uses_the_preset_and_noise_levels(shapes_zip):
-    from training.dataset import ImageFolderDataset
     dataset = ImageFolderDataset(shapes_zip, cache=True)
     trainer = quality_vs_time.make_trainer(dataset, 0.5, 0, 4, 2e-3, 2, 'cpu', preset='cpu-demo', P_mean=-0.4,
                                            P_std=1.4, channels_last=True)
     assert sum(p.numel() for p in trainer.net.parameters()) < 0.6e6   # cpu-demo: 0.45M; cpu-small: 1.7M
     assert (trainer.loss_fn.P_mean, trainer.loss_fn.P_std) == (-0.4, 1.4)
+    assert (trainer.batch_gpu, trainer.num_rounds, trainer.base_lr) == (4, 1, 2e-3)
+    assert (trainer.ema_halflife_kimg, trainer.lr_rampup_kimg) == pytest.approx((2, 1)) and trainer.augment_pipe is None
     conv = next(p for p in trainer.net.parameters() if p.ndim == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)
     default = quality_vs_time.make_trainer(dataset, 1.0, 0, 4, 2e-3, 2, 'cpu')   # noise levels left to the loss
@@ -315,9 +338,12 @@ def test_gpu_check_script_parses():
 
 def test_list_parsers_say_what_is_wrong():
     assert bench_common.parse_float_list('1,0.5,0.25') == [1.0, 0.5, 0.25]
-    assert bench_common.parse_int_list('8, 32') == [8, 32]
     with pytest.raises(ValueError, match='list of numbers'):
         bench_common.parse_float_list('1,half')
-    with pytest.raises(ValueError, match='positive'):
-        bench_common.parse_int_list('0')
     assert np.isclose(float(bench_common.float_key(0.25)), 0.25)
+
+
+@pytest.mark.parametrize('batch, message', [('0', 'positive'), ('none', 'positive'), ('8,x', 'Cannot parse')])
+def test_bench_sample_rejects_bad_batch_lists(batch, message):
+    result = CliRunner().invoke(bench_sample.main, ['--batch', batch, '--device', 'cpu'])
+    assert result.exit_code == 2 and message in result.output and '--batch' in result.output

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import dataset_tool
 from proctools import run_all
-from training import metrics, sampling
+from training import denoiser, generation, image_io, metrics, networks
 from training import training_loop as tl
+from training.archive import convert_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -39,7 +39,7 @@ def exact_fp32():
 @pytest.fixture(scope='module')
 def shapes_zip(tmp_path_factory):
     path = tmp_path_factory.mktemp('data') / 'shapes-32x32.zip'
-    dataset_tool.convert_dataset('demo:shapes:64', str(path), resolution=(32, 32))
+    convert_dataset('demo:shapes:64', str(path), resolution=(32, 32))
     return str(path)
 
 
@@ -48,8 +48,11 @@ def make_trainer(data, device=None, precision='fp32', use_fp16=False, real_p=0.5
     kwargs = dict(dataset_kwargs=dict(path=data, use_labels=False), network_kwargs=dict(TINY_NET, use_fp16=use_fp16),
                   loss_kwargs=dict(loss='edm'), optimizer_kwargs=dict(lr=2e-3, betas=[0.9, 0.999], eps=1e-8),
                   patch_kwargs=dict(real_p=real_p), batch_size=16, lr_rampup_kimg=0, ema_halflife_kimg=0.5, seed=1,
-                  data_loader_kwargs=dict(num_workers=0, pin_memory=device.type == 'cuda'), precision=precision,
-                  device=device)
+                  data_loader_kwargs=dict(num_workers=0, pin_memory=device.type == 'cuda'), device=device,
+                  performance_kwargs=dict(precision=precision))
+    for key in ('channels_last', 'compile_kwargs'):
+        if key in overrides:
+            kwargs['performance_kwargs'][key] = overrides.pop(key)
     kwargs.update(overrides)
     return tl.Trainer(**kwargs)
 
@@ -164,7 +167,7 @@ def test_compiled_training_matches_eager(shapes_zip):
 
 def tiny_network(seed=0):
     torch.manual_seed(seed)
-    return tl.build_network(dict(TINY_NET), 32, 3, 0).eval().requires_grad_(False)
+    return networks.build_network(dict(TINY_NET), 32, 3, 0).eval().requires_grad_(False)
 
 
 def test_sampling_on_cuda_matches_cpu_and_ignores_the_batch_size():
@@ -176,14 +179,14 @@ def test_sampling_on_cuda_matches_cpu_and_ignores_the_batch_size():
     noise = torch.randn([4, 3, 32, 32], generator=torch.Generator().manual_seed(0))
 
     def deterministic(device):
-        out = sampling.sample(sampling.make_denoiser(net.to(device)), noise.to(device), num_steps=6)
-        return sampling.to_uint8(out).cpu().to(torch.int32)
+        out = samplers.edm_sampler(denoiser.make_denoiser(net.to(device)), noise.to(device), num_steps=6)
+        return image_io.to_uint8(out).cpu().to(torch.int32)
     cpu, cuda = deterministic('cpu'), deterministic('cuda')
     assert cpu.float().std() > 10                          # real images, not a constant
     assert (cuda - cpu).abs().float().mean() < 0.05 and (cuda - cpu).abs().max() <= 2
 
     def generated(batch):
-        out = sampling.generate_images(net.to(CUDA), list(range(6)), batch_size=batch, device=CUDA, num_steps=6,
+        out = generation.generate_images(net.to(CUDA), list(range(6)), batch_size=batch, device=CUDA, num_steps=6,
                                        rank=0, world_size=1)
         return torch.cat([images.cpu() for _, images in out]).to(torch.int32)
     assert (generated(6) - generated(2)).abs().max() <= 1   # batching changes rounding only

@@ -10,9 +10,9 @@ import PIL.Image
 import pytest
 import torch
 
-import dataset_tool
 import dnnlib
 from training import demo_data
+from training.archive import archive_name, convert_dataset
 from training.dataset import ImageFolderDataset
 
 
@@ -20,7 +20,7 @@ from training.dataset import ImageFolderDataset
 def shapes_zip(tmp_path_factory):
     """A 20-image labelled demo:shapes zip at 16x16."""
     path = str(tmp_path_factory.mktemp('data') / 'shapes-16x16.zip')
-    dataset_tool.convert_dataset('demo:shapes:20', path, resolution=(16, 16))
+    convert_dataset('demo:shapes:20', path, resolution=(16, 16))
     return path
 
 
@@ -36,7 +36,7 @@ def write_folder(root, images, labels=None):
     """Dataset folder of uint8 [H, W] / [H, W, 3] images named like dataset_tool's; optional dataset.json."""
     names = []
     for i, image in enumerate(images):
-        name = dataset_tool.archive_name(i)
+        name = archive_name(i)
         os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
         PIL.Image.fromarray(image).save(os.path.join(root, name))
         names.append(name)
@@ -54,7 +54,7 @@ def test_items_labels_and_properties(shapes_zip, tmp_path, as_folder):
     path = shapes_zip
     if as_folder:
         path = str(tmp_path / 'shapes')
-        dataset_tool.convert_dataset('demo:shapes:20', path, resolution=(16, 16))
+        convert_dataset('demo:shapes:20', path, resolution=(16, 16))
     ds = ImageFolderDataset(path, use_labels=True)
     assert len(ds) == 20
     assert ds.name == 'shapes-16x16' if not as_folder else ds.name == 'shapes'

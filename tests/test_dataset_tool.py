@@ -3,6 +3,7 @@ pixels, labels are carried through, and bad input fails with one clear error
 and leaves nothing behind."""
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 
 import dataset_tool
 from training import demo_data
+from training.archive import TRANSFORMS, archive_name, center_crop, center_crop_wide
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,10 +109,10 @@ def test_demo_resolution_and_folder_output(tmp_path):
 
 
 def test_folder_names_every_1000_images_by_output_index():
-    assert dataset_tool.archive_name(0) == '00000/img00000000.png'
-    assert dataset_tool.archive_name(999) == '00000/img00000999.png'
-    assert dataset_tool.archive_name(1000) == '00001/img00001000.png'
-    assert dataset_tool.archive_name(49999) == '00049/img00049999.png'
+    assert archive_name(0) == '00000/img00000000.png'
+    assert archive_name(999) == '00000/img00000999.png'
+    assert archive_name(1000) == '00001/img00001000.png'
+    assert archive_name(49999) == '00049/img00049999.png'
 
 
 def test_readme_invocation_verbatim_in_a_subprocess(tmp_path):
@@ -231,20 +233,21 @@ def test_grayscale_and_palette_sources(tmp_path):
 
 def test_center_crop_takes_the_centred_square():
     image = np.arange(4 * 8 * 3, dtype=np.uint8).reshape(4, 8, 3)
-    np.testing.assert_array_equal(dataset_tool.center_crop(image, 4, 4), image[:, 2:6])
+    np.testing.assert_array_equal(center_crop(image, 4, 4), image[:, 2:6])
     tall = np.arange(10 * 4, dtype=np.uint8).reshape(10, 4, 1)
-    np.testing.assert_array_equal(dataset_tool.center_crop(tall, 4, 4), tall[3:7])
+    np.testing.assert_array_equal(center_crop(tall, 4, 4), tall[3:7])
 
 
-def test_center_crop_wide_crops_to_aspect_and_pads():
-    image = np.arange(1, 4 * 16 * 3 + 1, dtype=np.uint8).reshape(4, 16, 3)
-    out = dataset_tool.center_crop_wide(image, 8, 4)
+def test_center_crop_wide_keeps_the_full_width_and_a_band_of_rows():
+    # Rows constant along x: the 16 -> 8 column resize keeps each row's value exactly.
+    image = np.repeat((np.arange(8, dtype=np.uint8) * 10 + 1)[:, None, None], 16, axis=1).repeat(3, axis=2)
+    out = center_crop_wide(image, 8, 4)
     assert out.shape == (8, 8, 3)
-    np.testing.assert_array_equal(out[2:6], image[:, 4:12])  # 2:1 region, centred, no resize needed
+    # The band has round(8 * 8 / 16) = 4 rows from row (8 - 4) // 2 = 2, placed at row (8 - 4) // 2 = 2.
+    np.testing.assert_array_equal(out[2:6], image[2:6, ::2])
     assert not out[:2].any() and not out[6:].any()
-    tall = np.arange(12 * 8, dtype=np.uint8).reshape(12, 8, 1)
-    np.testing.assert_array_equal(dataset_tool.center_crop_wide(tall, 8, 4)[2:6], tall[4:8])
-    assert dataset_tool.center_crop_wide(image[:, :6], 8, 4) is None  # too small: skipped
+    assert center_crop_wide(image[:, :6], 8, 4) is None  # narrower than 8: skipped
+    assert center_crop_wide(image[:4], 8, 4) is None  # 16x4 is wider than 8:4 (band of 2 rows): skipped
 
 
 def test_plain_resize_keeps_a_constant_image_constant(tmp_path):
@@ -256,7 +259,7 @@ def test_plain_resize_keeps_a_constant_image_constant(tmp_path):
 
 def test_center_crop_wide_skips_small_images_through_cli(tmp_path):
     rng = np.random.default_rng(6)
-    save_image(str(tmp_path / 'src' / 'a.png'), random_rgb(rng, 4, 16))
+    save_image(str(tmp_path / 'src' / 'a.png'), random_rgb(rng, 8, 16))
     save_image(str(tmp_path / 'src' / 'b.png'), random_rgb(rng, 2, 4))
     dest = tmp_path / 'out.zip'
     result = run_tool(f'--source={tmp_path / "src"}', f'--dest={dest}', '--transform=center-crop-wide',
@@ -265,6 +268,150 @@ def test_center_crop_wide_skips_small_images_through_cli(tmp_path):
     assert 'Skipped 1 images' in result.stderr
     _names, out, _labels = read_dataset(dest)
     assert [im.shape for im in out] == [(8, 8, 3)]
+
+
+# ----------------------------------------------------------------------------
+# Same pixels as EDM's dataset_tool.py on odd shapes and modes.
+
+def pattern(h, w, channels):
+    """A deterministic uint8 [h, w, channels] image with detail at every scale."""
+    y, x, c = np.meshgrid(np.arange(h), np.arange(w), np.arange(channels), indexing='ij')
+    return ((x * 37 + y * 91 + c * 53) ^ (x * y * 7)).astype(np.uint8)
+
+
+def palette_image(h, w):
+    """A mode P image whose colours are not its indices."""
+    img = PIL.Image.frombytes('P', (w, h), pattern(h, w, 1).tobytes())
+    img.putpalette([v for i in range(256) for v in ((i * 73) % 256, (i * 151) % 256, 255 - i)])
+    return img
+
+
+def odd_sources():
+    """{file name: PIL image}: landscape, portrait, grey, RGBA and palette
+    sources of odd sizes, one whose band height round(16 * 25 / 32) = 12.5
+    is a tie (half to even: 12), and two that center-crop-wide skips at
+    16x12 and 16x9 (too narrow; too wide)."""
+    return {
+        'a-landscape.png': PIL.Image.fromarray(pattern(29, 37, 3)),
+        'b-portrait.png': PIL.Image.fromarray(pattern(41, 23, 3)),
+        'c-tie.png': PIL.Image.fromarray(pattern(25, 32, 3)),
+        'd-grey.png': PIL.Image.fromarray(pattern(27, 35, 1)[..., 0]),
+        'e-rgba.png': PIL.Image.fromarray(pattern(39, 29, 4)),
+        'f-palette.png': palette_image(31, 33),
+        'g-narrow.png': PIL.Image.fromarray(pattern(40, 12, 3)),
+        'h-panorama.png': PIL.Image.fromarray(pattern(11, 45, 3)),
+    }
+
+
+def naive_edm(img, transform, width, height, mode='RGB'):
+    """EDM's crop transforms on a PIL image, step by step with PIL's own crop
+    and paste: uint8 [width, width, C] (or [width, width] for mode L), or
+    None where EDM skips the image. The image is first converted to `mode`
+    (EDM writes RGB: grey repeated; our RGBA and palette decoding: alpha
+    dropped, palette looked up)."""
+    img = img.convert(mode)
+    w, h = img.size
+    lanczos = PIL.Image.Resampling.LANCZOS
+    if transform == 'center-crop':
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return np.asarray(img.crop((left, top, left + side, top + side)).resize((width, height), lanczos))
+    band = round(width * h / w)  # rows; Python's round() is half to even, as np.round
+    if w < width or band < height:
+        return None
+    top = (h - band) // 2
+    strip = img.crop((0, top, w, top + band)).resize((width, height), lanczos)
+    canvas = PIL.Image.new(mode, (width, width))  # black
+    canvas.paste(strip, (0, (width - height) // 2))
+    return np.asarray(canvas)
+
+
+def write_sources(folder, sources):
+    """Save {file name: PIL image} as PNGs in a new folder."""
+    os.makedirs(folder)
+    for name, img in sources.items():
+        img.save(os.path.join(folder, name))
+
+
+def digest(arrays):
+    """Short checksum of a list of uint8 arrays (shapes and bytes)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(repr(a.shape).encode() + a.tobytes())
+    return h.hexdigest()[:16]
+
+
+# digest() of the outputs in file order: the same as of what EDM's dataset_tool.py
+# (NVlabs/edm 008a4e5, run with Pillow 13.0.0) writes from these files, whose PNGs
+# were byte for byte ours. EDM fails on RGBA and reads palette images as their
+# indices, so it was given those two converted to RGB; it skips the same two files.
+EDM_DIGESTS = {
+    ('center-crop', (16, 16)): 'b69167d9de021d22',
+    ('center-crop-wide', (16, 12)): '68fd98e69567668e',
+    ('center-crop-wide', (16, 9)): '80b5c99933989f2b',
+}
+
+
+@pytest.mark.parametrize('transform, resolution', list(EDM_DIGESTS))
+def test_crop_transforms_give_edms_pixels_on_odd_sources(tmp_path, transform, resolution):
+    sources = odd_sources()
+    write_sources(tmp_path / 'src', sources)
+    dest = tmp_path / 'out.zip'
+    result = run_tool(f'--source={tmp_path / "src"}', f'--dest={dest}', f'--transform={transform}',
+                      f'--resolution={resolution[0]}x{resolution[1]}')
+    assert result.exit_code == 0, result.output
+    expected = [naive_edm(img, transform, *resolution) for _name, img in sorted(sources.items())]
+    skipped = sum(e is None for e in expected)
+    assert skipped == (0 if transform == 'center-crop' else 2)
+    if skipped:
+        assert f'Skipped {skipped} images' in result.stderr
+    _names, out, _labels = read_dataset(dest)
+    expected = [e for e in expected if e is not None]
+    assert len(out) == len(expected)
+    for image, e in zip(out, expected):
+        assert image.shape == (resolution[0], resolution[0], 3)
+        np.testing.assert_array_equal(image, e)
+    assert digest(out) == EDM_DIGESTS[transform, resolution]
+
+
+def test_center_crop_wide_pixels_checked_against_edm():
+    image = center_crop_wide(np.asarray(odd_sources()['a-landscape.png']), 16, 12)
+    # The black rows, and pixels EDM's dataset_tool.py wrote for this source at 16x12.
+    assert not image[:2].any() and not image[14:].any()
+    assert image[2, 0].tolist() == [170, 22, 125]
+    assert image[8, 7].tolist() == [139, 58, 111]
+    assert image[13, 15].tolist() == [128, 84, 123]
+
+
+@pytest.mark.parametrize('transform', TRANSFORMS)
+def test_grey_sources_become_rgb_under_crop_transforms_unless_channels_1(tmp_path, transform):
+    grey = PIL.Image.fromarray(pattern(27, 35, 1)[..., 0])
+    write_sources(tmp_path / 'src', {'a.png': grey, 'b.png': grey.transpose(PIL.Image.Transpose.TRANSPOSE)})
+    resolution = (16, 16) if transform == 'center-crop' else (16, 12)
+    for channels, mode in (('auto', 'RGB'), ('3', 'RGB'), ('1', 'L')):
+        dest = tmp_path / f'out-{channels}.zip'
+        result = run_tool(f'--source={tmp_path / "src"}', f'--dest={dest}', f'--transform={transform}',
+                          f'--resolution={resolution[0]}x{resolution[1]}', f'--channels={channels}')
+        assert result.exit_code == 0, result.output
+        out = read_dataset(dest)[1]
+        assert len(out) == 2
+        for image, src in zip(out, (grey, grey.transpose(PIL.Image.Transpose.TRANSPOSE))):
+            np.testing.assert_array_equal(image, naive_edm(src, transform, *resolution, mode=mode))
+
+
+def test_channels_option_without_transform(tmp_path):
+    gray = pattern(8, 8, 1)[..., 0]
+    rgb = pattern(8, 8, 3)
+    save_image(str(tmp_path / 'gray' / 'a.png'), gray)
+    save_image(str(tmp_path / 'rgb' / 'a.png'), rgb)
+    for folder, channels, expected in (
+            ('gray', 'auto', gray), ('gray', '3', np.repeat(gray[..., None], 3, axis=2)),
+            ('rgb', 'auto', rgb), ('rgb', '1', np.asarray(PIL.Image.fromarray(rgb).convert('L')))):
+        dest = tmp_path / f'{folder}-{channels}.zip'
+        result = run_tool(f'--source={tmp_path / folder}', f'--dest={dest}', f'--channels={channels}')
+        assert result.exit_code == 0, result.output
+        np.testing.assert_array_equal(read_dataset(dest)[1][0], expected)
+    assert run_tool('--source=demo:shapes:2', f'--dest={tmp_path / "x.zip"}', '--channels=2').exit_code == 2
 
 
 # ----------------------------------------------------------------------------

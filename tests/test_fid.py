@@ -208,14 +208,16 @@ def test_calculate_stats_errors(detectors):
         metrics.calculate_stats([images.float()], flat, device='cpu')
 
 
-def test_calculate_fid_takes_statistics_or_files(tmp_path, detectors):
+def test_calculate_fid_of_a_folder_takes_statistics_or_files(tmp_path, detectors):
     real, fake = random_images(12, seed=6), random_images(10, seed=7, brightness=40)
     ref = numpy_stats(detectors.module, real)
     metrics.save_ref(tmp_path / 'ref.npz', *ref)
     expected = scipy_fid(*numpy_stats(detectors.module, fake), *ref)
-    batches = [torch.as_tensor(fake[:4]), torch.as_tensor(fake[4:])]
-    from_files = metrics.calculate_fid(batches, str(tmp_path / 'ref.npz'), detectors.pkl, num_expected=10, device='cpu')
-    from_objects = metrics.calculate_fid(batches, ref, detectors.module, device='cpu')
+    write_folder(tmp_path / 'fake', fake)
+    kwargs = dict(batch_size=4, num_workers=0, device='cpu')
+    from_files = metrics.calculate_fid(str(tmp_path / 'fake'), str(tmp_path / 'ref.npz'), detectors.pkl, num=10,
+                                       **kwargs)
+    from_objects = metrics.calculate_fid(str(tmp_path / 'fake'), ref, detectors.module, **kwargs)
     assert from_files == pytest.approx(expected, rel=1e-8) and from_objects == pytest.approx(expected, rel=1e-8)
 
 
@@ -513,14 +515,14 @@ class GaussianDenoiser(torch.nn.Module):
 
 
 def test_calc_metric_for_network_is_fid_of_seeds_0_to_num(tmp_path, detectors):
-    from training import sampling
+    from training import generation
     net = GaussianDenoiser()
     real = random_images(16, seed=14, size=8)
     ref_path = tmp_path / 'ref.npz'
     metrics.save_ref(ref_path, *numpy_stats(detectors.module, real))
     result = metrics.calc_metric_for_network('fid', net, ref=str(ref_path), num=10, detector=detectors.pt,
                                              batch_size=4, device='cpu')
-    generated = torch.cat([images for _, images in sampling.generate_images(net, range(10), 10, device='cpu')])
+    generated = torch.cat([images for _, images in generation.generate_images(net, range(10), 10, device='cpu')])
     expected = scipy_fid(*numpy_stats(detectors.module, generated.numpy()), *metrics.load_ref(str(ref_path)))
     assert isinstance(result, float) and result == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match='Unknown metric'):

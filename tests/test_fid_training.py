@@ -7,8 +7,8 @@ import math
 import torch
 from click.testing import CliRunner
 
-import dataset_tool
 import fid
+from training.archive import convert_dataset
 from training.training_loop import training_loop
 
 
@@ -21,7 +21,7 @@ class PooledFeatures(torch.nn.Module):
 
 def test_fid_at_each_snapshot_is_written_to_metric_jsonl(tmp_path):
     data = str(tmp_path / 'shapes.zip')
-    dataset_tool.convert_dataset('demo:shapes:32', data, resolution=(32, 32))
+    convert_dataset('demo:shapes:32', data, resolution=(32, 32))
     detector = str(tmp_path / 'features.pt')
     torch.jit.save(torch.jit.script(PooledFeatures()), detector)
     ref = str(tmp_path / 'ref.npz')

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 
 import dnnlib
 import generate
-from training import sampling
+from training import generation, image_io, networks, snapshots
 
 FIXTURES = 'tests/fixtures'
 
 
 @pytest.fixture(scope='module')
-def snapshots(tmp_path_factory, repo_root):
+def foreign_pickles(tmp_path_factory, repo_root):
     """The pickles of tests/fixtures/write_snapshots.py, written by a subprocess."""
     folder = tmp_path_factory.mktemp('snapshots')
     env = dict(PYTHONPATH=f'{repo_root}:{repo_root / FIXTURES}', OMP_NUM_THREADS='1', PATH='/usr/bin:/bin')
@@ -40,10 +40,10 @@ def _outputs(outdir):
     return {str(p.relative_to(outdir)): _pixels(p) for p in sorted(outdir.rglob('*.png'))}
 
 
-def test_writes_one_png_per_seed_rgb_and_gray(snapshots, tmp_path):
+def test_writes_one_png_per_seed_rgb_and_gray(foreign_pickles, tmp_path):
     for name, mode in (('edm_cond.pkl', 'RGB'), ('edm_gray.pkl', 'L'), ('official.pkl', 'RGB')):
         outdir = tmp_path / name
-        result = _run(f'--network={snapshots / name}', f'--outdir={outdir}', '--seeds=3,5-6', '--steps=4')
+        result = _run(f'--network={foreign_pickles / name}', f'--outdir={outdir}', '--seeds=3,5-6', '--steps=4')
         assert result.exit_code == 0, result.output
         outputs = _outputs(outdir)
         assert sorted(outputs) == ['000003.png', '000005.png', '000006.png']
@@ -52,35 +52,35 @@ def test_writes_one_png_per_seed_rgb_and_gray(snapshots, tmp_path):
         assert not np.array_equal(outputs['000003.png'][1], outputs['000005.png'][1])
 
 
-def test_images_equal_generate_images(snapshots, tmp_path):
+def test_images_equal_generate_images(foreign_pickles, tmp_path):
     """The CLI writes what the importable generate_images returns, for EDM's and the ablation sampler."""
-    net, _ = sampling.load_network(snapshots / 'edm_cond.pkl')
+    net, _ = snapshots.load_network(foreign_pickles / 'edm_cond.pkl')
     for flags, kwargs in (([], {}), (['--solver=euler', '--disc=vp', '--schedule=vp', '--scaling=vp'],
                                      dict(solver='euler', discretization='vp', schedule='vp', scaling='vp'))):
         outdir = tmp_path / str(len(flags))
-        result = _run(f'--network={snapshots / "edm_cond.pkl"}', f'--outdir={outdir}', '--seeds=0-2', '--steps=5',
+        result = _run(f'--network={foreign_pickles / "edm_cond.pkl"}', f'--outdir={outdir}', '--seeds=0-2', '--steps=5',
                       '--class=1', '--cfg=1.5', '--S_churn=5', *flags)
         assert result.exit_code == 0, result.output
-        expected = torch.cat([images for _, images in sampling.generate_images(
+        expected = torch.cat([images for _, images in generation.generate_images(
             net, [0, 1, 2], class_idx=1, cfg=1.5, num_steps=5, S_churn=5, **kwargs)])
         for seed in range(3):
             assert np.array_equal(_pixels(outdir / f'{seed:06d}.png')[1], expected[seed].permute(1, 2, 0).numpy())
     assert not np.array_equal(_pixels(tmp_path / '0' / '000000.png')[1], _pixels(tmp_path / '4' / '000000.png')[1])
 
 
-def test_subdirs_and_grid(snapshots, tmp_path):
-    result = _run(f'--network={snapshots / "edm_gray.pkl"}', f'--outdir={tmp_path}', '--seeds=998-1001',
+def test_subdirs_and_grid(foreign_pickles, tmp_path):
+    result = _run(f'--network={foreign_pickles / "edm_gray.pkl"}', f'--outdir={tmp_path}', '--seeds=998-1001',
                   '--subdirs', '--grid', '--steps=3', '--batch=3')
     assert result.exit_code == 0, result.output
     outputs = _outputs(tmp_path)
     assert sorted(outputs) == ['000000/000998.png', '000000/000999.png', '001000/001000.png', '001000/001001.png',
                                'grid.png']
     images = torch.stack([torch.from_numpy(outputs[name][1].copy())[None] for name in sorted(outputs)[:4]])
-    assert np.array_equal(outputs['grid.png'][1], sampling.image_grid(images)[0].numpy())
+    assert np.array_equal(outputs['grid.png'][1], image_io.image_grid(images)[0].numpy())
 
 
-def test_one_process_equals_two_under_torchrun(snapshots, tmp_path, subprocess_env, python_exe, repo_root):
-    args = [f'--network={snapshots / "edm_cond.pkl"}', '--seeds=0-4,998-1000', '--batch=2', '--steps=4',
+def test_one_process_equals_two_under_torchrun(foreign_pickles, tmp_path, subprocess_env, python_exe, repo_root):
+    args = [f'--network={foreign_pickles / "edm_cond.pkl"}', '--seeds=0-4,998-1000', '--batch=2', '--steps=4',
             '--S_churn=10', '--cfg=1.3', '--subdirs', '--grid', '--device=cpu']
     single = _run(*args, f'--outdir={tmp_path / "one"}')
     assert single.exit_code == 0, single.output
@@ -101,14 +101,14 @@ def _assert_one_line_error(result, match):
     assert len(lines) == 1 and lines[0].startswith('Error: ') and match in lines[0], result.stderr
 
 
-def test_bad_inputs_give_one_line_errors(snapshots, tmp_path, monkeypatch):
+def test_bad_inputs_give_one_line_errors(foreign_pickles, tmp_path, monkeypatch):
     monkeypatch.setattr(dnnlib.util, '_RETRY_DELAY_S', 0)
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     corrupt = tmp_path / 'corrupt.pkl'
     corrupt.write_bytes(b'garbage')
-    cond, gray = snapshots / 'edm_cond.pkl', snapshots / 'edm_gray.pkl'
+    cond, gray = foreign_pickles / 'edm_cond.pkl', foreign_pickles / 'edm_gray.pkl'
     cases = [
-        ((cond, '--seeds=1-x'), 'Cannot parse seeds'),
+        ((cond, '--seeds=1-x'), '--seeds: Cannot parse'),
         ((cond, '--seeds=9-3'), 'runs backwards'),
         ((cond, '--class=3'), 'out of range'),
         ((gray, '--class=0'), 'unconditional'),
@@ -131,3 +131,24 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path, subprocess_env, pyth
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f'Error: Cannot open the network pickle {tmp_path / "missing.pkl"}: '
                                                   f'No such file: {tmp_path / "missing.pkl"}']
+
+
+def test_convert_writes_a_safetensors_snapshot_that_samples_the_same_images(tmp_path):
+    """`generate.py convert`: a pickle of our network -> .safetensors, refused
+    for an existing or wrongly named destination; both sample the same PNGs."""
+    net = networks.build_network(dict(precond='edm', model_type='SongUNet', model_channels=8, channel_mult=[1, 2],
+                                      num_blocks=1, attn_resolutions=[], use_pos=True, dropout=0), 8, 3, 0)
+    pkl = tmp_path / 'net.pkl'
+    snapshots.save_snapshot(str(pkl), net, None, None, {})
+    dest = tmp_path / 'net.safetensors'
+    result = CliRunner().invoke(generate.main, ['convert', f'--network={pkl}', f'--dest={dest}'])
+    assert result.exit_code == 0 and dest.is_file(), result.output
+    for bad_dest in (dest, tmp_path / 'net.bin'):
+        result = CliRunner().invoke(generate.main, ['convert', f'--network={pkl}', f'--dest={bad_dest}'])
+        assert result.exit_code == 1 and result.stderr.startswith('Error: --dest=') and 'Traceback' not in result.output
+    for network in (pkl, dest):
+        assert _run(f'--network={network}', f'--outdir={tmp_path / network.suffix}', '--seeds=0-1',
+                    '--steps=3').exit_code == 0
+    from_pkl, from_safetensors = _outputs(tmp_path / '.pkl'), _outputs(tmp_path / '.safetensors')
+    assert sorted(from_pkl) == sorted(from_safetensors) == ['000000.png', '000001.png']
+    assert all(np.array_equal(from_pkl[name][1], from_safetensors[name][1]) for name in from_pkl)

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import dataset_tool
 import generate
 import train
+from training.archive import convert_dataset
 
 diffusers = pytest.importorskip('diffusers')
 
@@ -36,7 +37,7 @@ def vae_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def images_zip(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('data') / 'shapes-32x32.zip')
-    dataset_tool.convert_dataset('demo:shapes:8', path, resolution=(RES, RES))
+    convert_dataset('demo:shapes:8', path, resolution=(RES, RES))
     return path
 
 
@@ -71,7 +72,7 @@ def test_official_lsun_command_scaled_down_on_a_pre_encoded_dataset(tmp_path, la
                      '--real_p=0.5', *TINY_ADM)
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
     assert options['dataset_kwargs']['class_name'] == 'training.dataset.LatentDataset'
-    assert options['patch_kwargs']['latent'] is True
+    assert options['latent_kwargs'] is not None
     log = open(os.path.join(run_dir, 'log.txt')).read()
     assert 'patches 8:' in log and '16:' in log          # latent sizes {R/2, R} at R = 16
     path, data = _snapshot(run_dir)

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 import dataset_tool
 import generate
-from training import demo_data, latents, networks, sampling
+from training import demo_data, denoiser, generation, image_io, latents, networks, samplers, snapshots
+from training.archive import convert_dataset
 from training.dataset import ImageFolderDataset, LatentDataset, is_latent_archive
 
 COUNT = 6          # images in the test dataset
@@ -53,7 +54,7 @@ def vae(vae_dir):
 def images_zip(tmp_path_factory):
     """COUNT labelled demo:shapes images at RES x RES."""
     path = str(tmp_path_factory.mktemp('data') / f'shapes-{RES}x{RES}.zip')
-    dataset_tool.convert_dataset(f'demo:shapes:{COUNT}', path, resolution=(RES, RES))
+    convert_dataset(f'demo:shapes:{COUNT}', path, resolution=(RES, RES))
     return path
 
 
@@ -109,7 +110,7 @@ def test_encode_and_decode_match_the_vae(vae, vae_dir):
     decoded = latents.decode_latents(vae, z.double(), SCALE)
     assert decoded.dtype == torch.uint8 and decoded.shape == (2, 3, RES, RES)
     with torch.no_grad():
-        expected = sampling.to_uint8(vae.decode(z / SCALE).sample)
+        expected = image_io.to_uint8(vae.decode(z / SCALE).sample)
     assert torch.equal(decoded, expected)
     assert latents.load_vae(vae_dir) is latents.load_vae(vae_dir)   # one load per process and device
 
@@ -206,7 +207,7 @@ def test_latent_dataset_items_and_properties(latents_zip, vae_dir, images_zip):
 
 def test_pre_encoded_latents_draw_from_the_archive_stats(latents_zip, vae_dir):
     ds = LatentDataset(latents_zip)
-    encoder = latents.latent_encoder(ds, train_on_latents=True)
+    encoder = latents.latent_encoder(ds, {})
     assert isinstance(encoder, latents.PreEncodedLatents)
     assert encoder.info == dict(vae=vae_dir, scale_factor=SCALE, image_resolution=RES, latent_channels=4,
                                 latent_resolution=LATENT_RES)
@@ -217,13 +218,13 @@ def test_pre_encoded_latents_draw_from_the_archive_stats(latents_zip, vae_dir):
     torch.manual_seed(3)
     torch.testing.assert_close(drawn, SCALE * (stats[:, 0] + stats[:, 1] * torch.randn(3, 4, LATENT_RES, LATENT_RES)))
     with pytest.raises(ValueError, match='contradicts the dataset'):
-        latents.latent_encoder(ds, vae='other/vae')
+        latents.latent_encoder(ds, dict(vae='other/vae'))
 
 
 def test_online_encoder_equals_pre_encoded_path(images_zip, latents_zip, vae_dir, capsys):
     pixels = ImageFolderDataset(images_zip)
     assert latents.latent_encoder(pixels) is None
-    encoder = latents.latent_encoder(pixels, train_on_latents=True, vae=vae_dir, scale_factor=SCALE)
+    encoder = latents.latent_encoder(pixels, dict(vae=vae_dir, scale_factor=SCALE))
     assert isinstance(encoder, latents.OnlineEncoder)
     assert 'dataset_tool.py encode' in capsys.readouterr().out
     assert encoder.info == latents.PreEncodedLatents(LatentDataset(latents_zip)).info
@@ -260,10 +261,10 @@ def _write_snapshot(path, net, latent):
 
 def _expected_images(net, vae, seeds, class_idx=None, cfg=1.0, **sampler_kwargs):
     """generate_images's decoded images, composed by hand from the sampler and the VAE."""
-    rnd = sampling.StackedRandomGenerator('cpu', seeds)
+    rnd = generation.StackedRandomGenerator('cpu', seeds)
     noise = rnd.randn([len(seeds), 4, LATENT_RES, LATENT_RES])
-    labels = sampling.random_class_labels(rnd, net.label_dim, len(seeds), class_idx)
-    samples = sampling.edm_sampler(sampling.make_denoiser(net, labels, cfg), noise, rnd.randn_like, **sampler_kwargs)
+    labels = generation.random_class_labels(rnd, net.label_dim, len(seeds), class_idx)
+    samples = samplers.edm_sampler(denoiser.make_denoiser(net, labels, cfg), noise, rnd.randn_like, **sampler_kwargs)
     return latents.decode_latents(vae, samples, SCALE)
 
 
@@ -295,7 +296,7 @@ def test_cfg_on_a_conditional_latent_model(vae, vae_dir, tmp_path):
     seeds = [0, 1]
 
     def images(cfg):
-        return torch.cat([batch for _, batch in sampling.generate_images(net, seeds, class_idx=2, cfg=cfg,
+        return torch.cat([batch for _, batch in generation.generate_images(net, seeds, class_idx=2, cfg=cfg,
                                                                          latent=latent, num_steps=2)])
     guided = images(1.5)
     assert guided.shape == (2, 3, RES, RES)
@@ -323,7 +324,7 @@ def test_official_latent_pickle_needs_on_latents(vae, vae_dir, tmp_path, repo_ro
     result = CliRunner().invoke(generate.main, [*args, f'--outdir={tmp_path / "b"}', '--on_latents=1',
                                                 f'--vae={vae_dir}', f'--scale_factor={SCALE}'])
     assert result.exit_code == 0, result.output
-    net, _ = sampling.load_network(snapshot)
+    net, _ = snapshots.load_network(snapshot)
     assert torch.equal(_pngs(tmp_path / 'b', [0, 1]), _expected_images(net, vae, [0, 1], num_steps=2))
 
 
@@ -365,7 +366,7 @@ def test_missing_vae_folder_and_mismatched_vae(vae_dir, images_zip, tmp_path):
     pixel_net = networks.EDMPrecond(img_resolution=LATENT_RES, img_channels=3, model_type='DhariwalUNet',
                                     model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
     with pytest.raises(ValueError, match='3-channel samples'):
-        sampling.generate_images(pixel_net, [0], latent=dict(vae=vae_dir, scale_factor=SCALE))
+        generation.generate_images(pixel_net, [0], latent=dict(vae=vae_dir, scale_factor=SCALE))
     gray = tmp_path / 'gray'
     for i in range(2):
         os.makedirs(gray / '00000', exist_ok=True)

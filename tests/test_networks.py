@@ -43,7 +43,7 @@ def inputs(n=2, size=R, seed=0):
 
 
 def full_grid_naive(resolution):
-    """[1, 2, R, R] coordinate grid from SPEC.md section 2, by a loop over pixels."""
+    """[1, 2, R, R] coordinate grid from docs/DESIGN.md section 2, by a loop over pixels."""
     grid = torch.zeros([1, 2, resolution, resolution])
     for row in range(resolution):
         for col in range(resolution):
@@ -142,7 +142,7 @@ def test_default_pos_is_full_image_grid():
     grid = full_grid_naive(R).expand(2, -1, -1, -1)
     torch.testing.assert_close(net(x, sigma), net(x, sigma, pos=grid), rtol=0, atol=0)
     assert not torch.allclose(net(x, sigma), net(x, sigma, pos=-grid))
-    torch.testing.assert_close(networks._full_grid(R, 2, 'cpu'), grid, rtol=0, atol=0)
+    torch.testing.assert_close(networks.full_grid(R, 2), grid, rtol=0, atol=0)
 
 
 def test_pos_errors():

@@ -1,4 +1,4 @@
-"""Tests of training.patching (SPEC.md section 2): sizes, probabilities,
+"""Tests of training.patching (docs/DESIGN.md section 2): sizes, probabilities,
 multipliers, the per-step draw, cropping and coordinate grids."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Tests of torch_utils.persistence: the EDM network-pickle format (SPEC.md section 3)."""
+"""Tests of torch_utils.persistence: the EDM network-pickle format (docs/DESIGN.md section 4)."""
 
 import copy
 import importlib.util

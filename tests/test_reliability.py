@@ -32,14 +32,14 @@ from proctools import kill_family, run_all
 import torch
 from click.testing import CliRunner
 
-import dataset_tool
 import dnnlib
 import generate
 import train
 from torch_utils import misc, persistence
+from training import networks, runs, snapshots
 from training import loss as loss_lib
-from training import sampling
 from training import training_loop as tl
+from training.archive import convert_dataset
 
 TRAIN_PY = os.path.abspath(train.__file__)
 # 20 steps of one tick each (8 * E[m] = 15.2 images per step, ticks of 10 images); a state and a snapshot every tick.
@@ -51,7 +51,7 @@ RUN_FLAGS = ['--batch=8', '--real_p=0.5', '--augment=0', '--lr-rampup=0', '--dur
 @pytest.fixture(scope='module')
 def shapes_zip(tmp_path_factory):
     path = tmp_path_factory.mktemp('data') / 'shapes-32x32.zip'
-    dataset_tool.convert_dataset('demo:shapes:16', str(path), resolution=(32, 32))
+    convert_dataset('demo:shapes:16', str(path), resolution=(32, 32))
     return str(path)
 
 
@@ -80,11 +80,11 @@ def run(command, env, timeout=180):
 
 def final_weights(run_dir):
     """{name: tensor} of the final snapshot's EMA (.pkl and .safetensors) and the final state's net and EMA."""
-    state = tl.load_state(os.path.join(run_dir, 'training-state-000000.pt'))
+    state = runs.load_state(os.path.join(run_dir, 'training-state-000000.pt'))
     weights = {f'state.net.{k}': v for k, v in state['net'].items()}
     weights.update({f'state.ema.{k}': v for k, v in state['ema'].items()})
     for ext in ('pkl', 'safetensors'):
-        net, _ = sampling.load_network(os.path.join(run_dir, f'network-snapshot-000000.{ext}'))
+        net, _ = snapshots.load_network(os.path.join(run_dir, f'network-snapshot-000000.{ext}'))
         weights.update({f'{ext}.{k}': v for k, v in misc.named_params_and_buffers(net)})
     return weights, state['step']
 
@@ -193,7 +193,7 @@ def test_killed_anywhere_resumes_bit_exact(shapes_zip, reference_run, tmp_path, 
     assert returncode == 137
     run_dir = run_dir_of(outdir)
     assert len(temporaries(run_dir)) == 1   # the half-written state, under its temporary name
-    assert tl.load_state(os.path.join(run_dir, 'training-state-000000.pt'))['step'] == 2   # the complete one before
+    assert runs.load_state(os.path.join(run_dir, 'training-state-000000.pt'))['step'] == 2   # the complete one before
 
     truncated = os.path.join(run_dir, 'training-state-000009.pt')   # newest by name, unreadable
     with open(os.path.join(run_dir, 'training-state-000000.pt'), 'rb') as src, open(truncated, 'wb') as dst:
@@ -228,11 +228,11 @@ def test_newest_readable_state_is_found(tmp_path, capsys):
     """By kimg number, newest first; an unreadable one is skipped with a note."""
     for kimg in (1, 2, 3):
         torch.save(dict(format='patch-diffusion-state-v1', step=kimg), tmp_path / f'training-state-{kimg:06d}.pt')
-    assert tl.find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000003.pt')
+    assert runs.find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000003.pt')
     data = (tmp_path / 'training-state-000003.pt').read_bytes()
     (tmp_path / 'training-state-000003.pt').write_bytes(data[:len(data) - 30])
     (tmp_path / '.training-state-000004.pt.abcd1234.tmp').write_bytes(data)   # a temporary is never a state
-    assert tl.find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000002.pt')
+    assert runs.find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000002.pt')
     assert 'Skipping unreadable training state: Cannot read training state' in capsys.readouterr().out
 
 
@@ -331,9 +331,9 @@ def test_disk_full_is_a_clear_error_and_keeps_the_files_before(what, shapes_zip,
     with open(os.path.join(run_dir, name), 'rb') as f:
         assert f.read() == seen['before']
     if what == 'state':
-        assert tl.load_state(os.path.join(run_dir, name))['step'] == 2
+        assert runs.load_state(os.path.join(run_dir, name))['step'] == 2
     else:
-        sampling.load_network(os.path.join(run_dir, name))
+        snapshots.load_network(os.path.join(run_dir, name))
     assert temporaries(run_dir) == []
 
 
@@ -356,21 +356,21 @@ def test_nan_stop_then_resume_equals_a_run_without_nan(shapes_zip, tmp_path, mon
 
     outdir = tmp_path / 'runs'
     with monkeypatch.context() as patch:
-        patch.setitem(tl.LOSSES, 'edm', lambda: NaNFromCall(2))
+        patch.setitem(loss_lib.LOSSES, 'edm', lambda: NaNFromCall(2))
         result = CliRunner().invoke(train.main, [f'--outdir={outdir}', f'--data={shapes_zip}', *SHORT_FLAGS,
                                                  '--max-bad-steps=0'])
     assert result.exit_code == 1
     (line,) = error_lines(result)
     assert 'non-finite gradients' in line and 'step 2,' in line and 'tick 2.' in line
     run_dir = run_dir_of(outdir)
-    assert tl.load_state(os.path.join(run_dir, 'training-state-000000.pt'))['step'] == 2
+    assert runs.load_state(os.path.join(run_dir, 'training-state-000000.pt'))['step'] == 2
 
     resumed = CliRunner().invoke(train.main, [f'--outdir={outdir}', f'--data={shapes_zip}', *SHORT_FLAGS,
                                               '--max-bad-steps=0'])
     assert resumed.exit_code == 0, resumed.output
     assert f'Resuming run {run_dir}' in resumed.output
-    a = tl.load_state(os.path.join(run_dir, 'training-state-000000.pt'))
-    b = tl.load_state(os.path.join(run_dir_of(tmp_path / 'reference'), 'training-state-000000.pt'))
+    a = runs.load_state(os.path.join(run_dir, 'training-state-000000.pt'))
+    b = runs.load_state(os.path.join(run_dir_of(tmp_path / 'reference'), 'training-state-000000.pt'))
     assert a['step'] == b['step'] == 4
     assert_same_weights(a['net'], b['net'])
     assert_same_weights(a['ema'], b['ema'])
@@ -401,9 +401,9 @@ class NotOurs(torch.nn.Linear):
 
 def test_converter_round_trip_and_refusal(reference_run, tmp_path):
     run_dir, weights = reference_run
-    dest = sampling.convert_snapshot(os.path.join(run_dir, 'network-snapshot-000000.pkl'),
+    dest = snapshots.convert_snapshot(os.path.join(run_dir, 'network-snapshot-000000.pkl'),
                                      str(tmp_path / 'net.safetensors'))
-    net, meta = sampling.load_network(dest)
+    net, meta = snapshots.load_network(dest)
     assert all(torch.equal(v, weights[f'pkl.{k}']) for k, v in misc.named_params_and_buffers(net))
     assert meta.dataset_kwargs['resolution'] == 32 and meta.patch_kwargs['real_p'] == 0.5
 
@@ -411,17 +411,17 @@ def test_converter_round_trip_and_refusal(reference_run, tmp_path):
     with open(other, 'wb') as f:
         pickle.dump(dict(ema=NotOurs(2, 2)), f)
     with pytest.raises(ValueError, match="Only this code's preconditioners"):
-        sampling.convert_snapshot(str(other), str(tmp_path / 'other.safetensors'))
+        snapshots.convert_snapshot(str(other), str(tmp_path / 'other.safetensors'))
     assert not (tmp_path / 'other.safetensors').exists()
 
 
 def test_transfer_from_safetensors_copies_every_tensor(reference_run):
     run_dir, weights = reference_run
-    net, _ = sampling.load_network(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+    net, _ = snapshots.load_network(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
     with open(os.path.join(run_dir, 'training_options.json')) as f:
-        fresh = tl.build_network(json.load(f)['network_kwargs'], 32, 3, 0)
+        fresh = networks.build_network(json.load(f)['network_kwargs'], 32, 3, 0)
     assert not torch.equal(next(fresh.parameters()), next(net.parameters()))
-    copied, missing = tl.transfer_weights(os.path.join(run_dir, 'network-snapshot-000000.safetensors'), fresh)
+    copied, missing = snapshots.transfer_weights(os.path.join(run_dir, 'network-snapshot-000000.safetensors'), fresh)
     assert missing == [] and len(copied) == len(misc.named_params_and_buffers(net))
     assert all(torch.equal(v, weights[f'pkl.{k}']) for k, v in misc.named_params_and_buffers(fresh))
 
@@ -476,7 +476,7 @@ def test_torchrun_restart_after_a_dead_rank_is_bit_exact(shapes_zip, tmp_path, m
         returncode, output = run(command, dict(env, **extra_env), timeout=240)
         assert returncode == 0, output[-5000:]
         run_dir = run_dir_of(tmp_path / name)
-        final[name] = tl.load_state(os.path.join(run_dir, 'training-state-000000.pt'))
+        final[name] = runs.load_state(os.path.join(run_dir, 'training-state-000000.pt'))
         if name == 'killed':
             assert 'Resuming run' in output
     assert final['plain']['step'] == final['killed']['step'] == 20

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dnnlib
-from training import sampling
+from training import denoiser, generation, image_io, samplers, snapshots
 from training.patching import full_grid
 
 FIXTURES = 'tests/fixtures'
@@ -50,7 +50,7 @@ def _normal(shape, seed=0):
 
 def test_edm_sampler_reproduces_gaussian_statistics():
     denoise = GaussianDenoiser(mu=0.3, s=0.5)
-    x = sampling.edm_sampler(denoise, _normal([20000, 1, 1, 1]), num_steps=32)
+    x = samplers.edm_sampler(denoise, _normal([20000, 1, 1, 1]), num_steps=32)
     assert x.dtype == torch.float64
     assert abs(x.mean().item() - 0.3) < 0.015
     assert abs(x.var().item() / 0.25 - 1) < 0.05
@@ -60,10 +60,10 @@ def test_heun_beats_euler_and_converges_to_the_exact_ode_solution():
     denoise = GaussianDenoiser()
     z = _normal([512, 1, 1, 1])
     exact = denoise.ode_endpoint(z, 80)
-    heun_error = (sampling.edm_sampler(denoise, z, num_steps=18) - exact).abs().max()
-    euler_error = (sampling.ablation_sampler(denoise, z, num_steps=18, solver='euler') - exact).abs().max()
+    heun_error = (samplers.edm_sampler(denoise, z, num_steps=18) - exact).abs().max()
+    euler_error = (samplers.ablation_sampler(denoise, z, num_steps=18, solver='euler') - exact).abs().max()
     assert heun_error < euler_error / 2
-    assert (sampling.edm_sampler(denoise, z, num_steps=128) - exact).abs().max() < 2e-3
+    assert (samplers.edm_sampler(denoise, z, num_steps=128) - exact).abs().max() < 2e-3
 
 
 def test_edm_sampler_time_steps_and_calls():
@@ -71,7 +71,7 @@ def test_edm_sampler_time_steps_and_calls():
     correction; the steps follow Eq. 5 inside the network's range."""
     num_steps, rho = 6, 7
     denoise = GaussianDenoiser(sigma_min=0.01, sigma_max=50)
-    sampling.edm_sampler(denoise, _normal([2, 1, 1, 1]), num_steps=num_steps, sigma_min=0.002, sigma_max=80, rho=rho)
+    samplers.edm_sampler(denoise, _normal([2, 1, 1, 1]), num_steps=num_steps, sigma_min=0.002, sigma_max=80, rho=rho)
     lo, hi = 0.01, 50   # clamped to the denoiser's range
     t = [(hi ** (1 / rho) + i / (num_steps - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(num_steps)]
     expected = [t[0]] + [s for s in t[1:] for _ in range(2)]
@@ -82,7 +82,7 @@ def test_edm_sampler_time_steps_and_calls():
 def test_edm_sampler_uses_round_sigma():
     denoise = GaussianDenoiser()
     denoise.round_sigma = lambda sigma: torch.as_tensor(sigma).round(decimals=1)
-    sampling.edm_sampler(denoise, _normal([1, 1, 1, 1]), num_steps=5)
+    samplers.edm_sampler(denoise, _normal([1, 1, 1, 1]), num_steps=5)
     assert all(abs(sigma * 10 - round(sigma * 10)) < 1e-9 for _, sigma in denoise.calls)
 
 
@@ -90,8 +90,8 @@ def test_edm_sampler_uses_round_sigma():
 def test_churn_raises_the_noise_level_inside_S_min_S_max(S_churn, expected_gamma):
     num_steps = 5
     denoise = GaussianDenoiser()
-    sampling.edm_sampler(denoise, _normal([2, 1, 1, 1]), num_steps=num_steps, S_churn=S_churn, S_min=1, S_max=20)
-    t = sampling.edm_sigma_steps(num_steps, 0.002, 80).tolist()
+    samplers.edm_sampler(denoise, _normal([2, 1, 1, 1]), num_steps=num_steps, S_churn=S_churn, S_min=1, S_max=20)
+    t = samplers.edm_sigma_steps(num_steps, 0.002, 80).tolist()
     euler_sigmas = [sigma for _, sigma in denoise.calls[0::2]]
     for t_cur, t_hat in zip(t, euler_sigmas):
         gamma = expected_gamma if 1 <= t_cur <= 20 else 0
@@ -103,17 +103,17 @@ def test_churn_noise_comes_from_randn_like():
     denoise = GaussianDenoiser()
     z = _normal([4, 1, 2, 2])
     common = dict(num_steps=8, S_churn=20)
-    a = sampling.edm_sampler(denoise, z, lambda x: torch.zeros_like(x), **common)
-    b = sampling.edm_sampler(denoise, z, lambda x: torch.ones_like(x), **common)
-    c = sampling.edm_sampler(denoise, z, lambda x: torch.ones_like(x), **{**common, 'S_churn': 0})
+    a = samplers.edm_sampler(denoise, z, lambda x: torch.zeros_like(x), **common)
+    b = samplers.edm_sampler(denoise, z, lambda x: torch.ones_like(x), **common)
+    c = samplers.edm_sampler(denoise, z, lambda x: torch.ones_like(x), **{**common, 'S_churn': 0})
     assert not torch.allclose(a, b)
-    assert torch.equal(c, sampling.edm_sampler(denoise, z, lambda x: torch.zeros_like(x), num_steps=8))
+    assert torch.equal(c, samplers.edm_sampler(denoise, z, lambda x: torch.zeros_like(x), num_steps=8))
 
 
 def test_single_step_is_one_denoiser_call_at_sigma_max():
     denoise = GaussianDenoiser()
     z = _normal([3, 1, 1, 1])
-    x = sampling.edm_sampler(denoise, z, num_steps=1)
+    x = samplers.edm_sampler(denoise, z, num_steps=1)
     assert [sigma for _, sigma in denoise.calls] == [80]
     torch.testing.assert_close(x, denoise(z.double() * 80, torch.tensor(80.0, dtype=torch.float64)))
 
@@ -122,7 +122,7 @@ def test_single_step_is_one_denoiser_call_at_sigma_max():
                                     dict(sigma_min=100), dict(S_churn=-1)])
 def test_bad_sampler_settings_raise(kwargs):
     with pytest.raises(ValueError):
-        sampling.edm_sampler(GaussianDenoiser(sigma_max=80), _normal([1, 1, 1, 1]), **kwargs)
+        samplers.edm_sampler(GaussianDenoiser(sigma_max=80), _normal([1, 1, 1, 1]), **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -132,8 +132,8 @@ def test_bad_sampler_settings_raise(kwargs):
 def test_ablation_defaults_are_the_edm_sampler():
     denoise = GaussianDenoiser()
     z = _normal([64, 1, 2, 2])
-    edm = sampling.edm_sampler(denoise, z, num_steps=10, S_churn=5, randn_like=lambda x: torch.ones_like(x))
-    ablation = sampling.ablation_sampler(denoise, z, num_steps=10, S_churn=5, randn_like=lambda x: torch.ones_like(x))
+    edm = samplers.edm_sampler(denoise, z, num_steps=10, S_churn=5, randn_like=lambda x: torch.ones_like(x))
+    ablation = samplers.ablation_sampler(denoise, z, num_steps=10, S_churn=5, randn_like=lambda x: torch.ones_like(x))
     torch.testing.assert_close(edm, ablation, rtol=1e-10, atol=1e-10)
 
 
@@ -147,7 +147,7 @@ def _iddpm_levels_naive(M=1000, C_1=0.001, C_2=0.008):
 
 def test_discretisations_follow_their_formulas():
     n, lo, hi = 12, 0.01, 60.0
-    steps = {d: sampling.ablation_sigma_steps(d, n, lo, hi, epsilon_s=1e-3).numpy() for d in sampling.DISCRETIZATIONS}
+    steps = {d: samplers.ablation_sigma_steps(d, n, lo, hi, epsilon_s=1e-3).numpy() for d in samplers.DISCRETIZATIONS}
     for d, sigma in steps.items():
         assert sigma.dtype == np.float64 and sigma.shape == (n,), d
         assert np.all(np.diff(sigma) < 0), d
@@ -173,42 +173,42 @@ def test_discretisations_follow_their_formulas():
 
 
 def test_iddpm_table_matches_the_definition():
-    table = sampling.iddpm_noise_levels().numpy()
+    table = samplers.iddpm_noise_levels().numpy()
     np.testing.assert_allclose(table[:-1], _iddpm_levels_naive()[:-1], rtol=1e-3)
     assert table[-1] == 0 and np.all(np.diff(table) < 0)
 
 
 def test_default_noise_ranges_are_edms():
-    assert sampling.default_noise_range('edm') == (0.002, 80)
-    assert sampling.default_noise_range('ve') == (0.02, 100)
-    assert sampling.default_noise_range('iddpm') == (0.002, 81)
+    assert samplers.default_noise_range('edm') == (0.002, 80)
+    assert samplers.default_noise_range('ve') == (0.02, 100)
+    assert samplers.default_noise_range('iddpm') == (0.002, 81)
     vp = lambda t: math.sqrt(math.exp(0.5 * 19.1 * t ** 2 + 0.1 * t) - 1)   # EDM generate.py's VP default
-    np.testing.assert_allclose(sampling.default_noise_range('vp', 1e-3), (vp(1e-3), vp(1)), rtol=1e-12)
+    np.testing.assert_allclose(samplers.default_noise_range('vp', 1e-3), (vp(1e-3), vp(1)), rtol=1e-12)
 
 
 @pytest.mark.parametrize('solver, discretization, schedule, scaling',
-                         list(itertools.product(sampling.SOLVERS, sampling.DISCRETIZATIONS, sampling.SCHEDULES,
-                                                sampling.SCALINGS)))
+                         list(itertools.product(samplers.SOLVERS, samplers.DISCRETIZATIONS, samplers.SCHEDULES,
+                                                samplers.SCALINGS)))
 def test_every_ablation_combination_runs_and_converges(solver, discretization, schedule, scaling):
     denoise = GaussianDenoiser()
     z = _normal([64, 1, 1, 1])
     settings = dict(solver=solver, discretization=discretization, schedule=schedule, scaling=scaling)
-    sigma_0 = sampling.ablation_sigma_steps(discretization, 2, *sampling.default_noise_range(discretization))[0]
+    sigma_0 = samplers.ablation_sigma_steps(discretization, 2, *samplers.default_noise_range(discretization))[0]
     exact = denoise.ode_endpoint(z, sigma_0.item())
-    coarse = (sampling.ablation_sampler(denoise, z, num_steps=20, **settings) - exact).abs().max()
-    fine = (sampling.ablation_sampler(denoise, z, num_steps=80, **settings) - exact).abs().max()
+    coarse = (samplers.ablation_sampler(denoise, z, num_steps=20, **settings) - exact).abs().max()
+    fine = (samplers.ablation_sampler(denoise, z, num_steps=80, **settings) - exact).abs().max()
     assert torch.isfinite(fine) and fine < coarse / 2
-    churned = sampling.ablation_sampler(denoise, z, num_steps=6, S_churn=10, alpha=0.5, **settings)
+    churned = samplers.ablation_sampler(denoise, z, num_steps=6, S_churn=10, alpha=0.5, **settings)
     assert torch.isfinite(churned).all()
 
 
 def test_select_sampler_follows_edm():
-    assert sampling.select_sampler(num_steps=5, solver=None)[0] is sampling.edm_sampler
-    sampler, kwargs = sampling.select_sampler(num_steps=5, scaling='vp', sigma_min=None)
-    assert sampler is sampling.ablation_sampler and kwargs == dict(num_steps=5, scaling='vp')
+    assert samplers.select_sampler(num_steps=5, solver=None)[0] is samplers.edm_sampler
+    sampler, kwargs = samplers.select_sampler(num_steps=5, scaling='vp', sigma_min=None)
+    assert sampler is samplers.ablation_sampler and kwargs == dict(num_steps=5, scaling='vp')
     for bad in (dict(steps=5), dict(solver='rk4'), dict(alpha=2.0, solver='heun'), dict(sigma_min=100)):
         with pytest.raises(ValueError):
-            sampling.select_sampler(**bad)
+            samplers.select_sampler(**bad)
 
 
 # ----------------------------------------------------------------------------
@@ -216,30 +216,33 @@ def test_select_sampler_follows_edm():
 
 
 def test_stacked_generator_rows_depend_only_on_their_seed():
-    both = sampling.StackedRandomGenerator('cpu', [3, 5])
-    alone = sampling.StackedRandomGenerator('cpu', [5])
+    both = generation.StackedRandomGenerator('cpu', [3, 5])
+    alone = generation.StackedRandomGenerator('cpu', [5])
     assert torch.equal(both.randn([2, 4])[1], alone.randn([1, 4])[0])
     assert torch.equal(both.randint(10, size=[2, 6])[1], alone.randint(10, size=[1, 6])[0])
-    assert torch.equal(sampling.StackedRandomGenerator('cpu', [5 + (1 << 32)]).randn([1, 3]),
-                       sampling.StackedRandomGenerator('cpu', [5]).randn([1, 3]))
+    assert torch.equal(generation.StackedRandomGenerator('cpu', [5 + (1 << 32)]).randn([1, 3]),
+                       generation.StackedRandomGenerator('cpu', [5]).randn([1, 3]))
     like = both.randn_like(torch.zeros(2, 3, dtype=torch.float64))
     assert like.dtype == torch.float64 and like.shape == (2, 3)
 
 
 def test_rank_batches_split_as_edm():
     seeds = list(range(10))
-    assert sampling.rank_batches(seeds, 3, 0, 2) == [[0, 1, 2], [6, 7]]
-    assert sampling.rank_batches(seeds, 3, 1, 2) == [[3, 4, 5], [8, 9]]
-    assert sampling.rank_batches(seeds, 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert sampling.rank_batches([7], 4, 1, 2) == []
+    assert generation.rank_batches(seeds, 3, 0, 2) == [[0, 1, 2], [6, 7]]
+    assert generation.rank_batches(seeds, 3, 1, 2) == [[3, 4, 5], [8, 9]]
+    assert generation.rank_batches(seeds, 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert generation.rank_batches([7], 4, 1, 2) == []
 
 
-def test_parse_seeds():
-    assert sampling.parse_seeds('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
-    assert sampling.parse_seeds('0-3') == [0, 1, 2, 3]
-    for bad in ('a', '5-3', '', '1,,2', '-3', '1-2-3', '1.5'):
+def test_parse_int_list():
+    """One parser of '1,2,5-10' for --seeds, --cres and --attn ('' and 'none' = no entries, for --attn=none)."""
+    assert dnnlib.util.parse_int_list('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
+    assert dnnlib.util.parse_int_list('0-3') == [0, 1, 2, 3]
+    assert dnnlib.util.parse_int_list('') == dnnlib.util.parse_int_list('None') == []
+    assert dnnlib.util.parse_int_list([1, 2]) == [1, 2]
+    for bad in ('a', '5-3', '1,,2', '-3', '1-2-3', '1.5'):
         with pytest.raises(ValueError):
-            sampling.parse_seeds(bad)
+            dnnlib.util.parse_int_list(bad)
 
 
 # ----------------------------------------------------------------------------
@@ -292,10 +295,10 @@ class EDMSpy(_Recorder):
     (EDMSpy(img_channels=3), 'edm', 3, False),
 ])
 def test_denoiser_calls_each_convention_with_its_arguments(net, convention, channels, coordinates):
-    info = sampling.network_info(net)
+    info = denoiser.network_info(net)
     assert (info.convention, info.img_channels, info.coordinates) == (convention, channels, coordinates)
     x = _normal([2, channels, 4, 4]).double()
-    out = sampling.make_denoiser(net)(x, torch.tensor(1.5, dtype=torch.float64))
+    out = denoiser.make_denoiser(net)(x, torch.tensor(1.5, dtype=torch.float64))
     assert out.dtype == torch.float64 and out.shape == x.shape
     (call,) = net.calls
     assert call['x'].dtype == torch.float32 and call['sigma'].dtype == torch.float32
@@ -314,7 +317,7 @@ def test_official_network_with_embedded_coordinates_is_rejected():
     net = OfficialSpy(img_channels=9)
     net.out_channels = 3
     with pytest.raises(ValueError, match='embed'):
-        sampling.network_info(net)
+        denoiser.network_info(net)
 
 
 def test_unknown_call_convention_is_rejected():
@@ -322,7 +325,7 @@ def test_unknown_call_convention_is_rejected():
         def forward(self, x, sigma, labels):
             return x
     with pytest.raises(ValueError, match='Cannot tell how to call'):
-        sampling.network_info(Odd(img_channels=3))
+        denoiser.network_info(Odd(img_channels=3))
 
 
 def test_guidance():
@@ -330,16 +333,16 @@ def test_guidance():
     sigma = torch.tensor(2.0, dtype=torch.float64)
     labels = torch.eye(4)[[0, 2, 3]] * 3
     net = EDMSpy(img_channels=2, label_dim=4)
-    conditional = sampling.make_denoiser(net, labels, guidance=1)(x, sigma)
+    conditional = denoiser.make_denoiser(net, labels, guidance=1)(x, sigma)
     assert len(net.calls) == 1 and torch.equal(net.calls[0]['class_labels'], labels)
     net.calls.clear()
-    unconditional = sampling.make_denoiser(net, torch.zeros_like(labels))(x, sigma)
-    guided = sampling.make_denoiser(net, labels, guidance=1.5)(x, sigma)
+    unconditional = denoiser.make_denoiser(net, torch.zeros_like(labels))(x, sigma)
+    guided = denoiser.make_denoiser(net, labels, guidance=1.5)(x, sigma)
     assert len(net.calls) == 3 and not net.calls[2]['class_labels'].any()
     torch.testing.assert_close(guided, unconditional + 1.5 * (conditional - unconditional))
     assert not torch.allclose(guided, conditional)
     with pytest.raises(ValueError, match='class-conditional'):
-        sampling.make_denoiser(EDMSpy(img_channels=2), None, guidance=2)
+        denoiser.make_denoiser(EDMSpy(img_channels=2), None, guidance=2)
 
 
 # ----------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def test_guidance():
 
 
 @pytest.fixture(scope='module')
-def snapshots(tmp_path_factory, repo_root):
+def foreign_pickles(tmp_path_factory, repo_root):
     """Snapshot pickles of the test-only networks (tests/fixtures/write_snapshots.py), written
     by a subprocess so that this process loads them from their embedded module sources."""
     folder = tmp_path_factory.mktemp('snapshots')
@@ -358,37 +361,37 @@ def snapshots(tmp_path_factory, repo_root):
 
 @pytest.mark.parametrize('kind, module, convention, label_dim', [
     ('edm', 'edm_style_net', 'edm', 3), ('official', 'official_style_net', 'official', 0)])
-def test_foreign_pickles_load_and_sample(snapshots, kind, module, convention, label_dim):
-    net, meta = sampling.load_network(snapshots[kind])
+def test_foreign_pickles_load_and_sample(foreign_pickles, kind, module, convention, label_dim):
+    net, meta = snapshots.load_network(foreign_pickles[kind])
     assert module not in sys.modules and type(net).__module__ != module
-    assert sampling.network_info(net).convention == convention and net.label_dim == label_dim
+    assert denoiser.network_info(net).convention == convention and net.label_dim == label_dim
     assert meta.dataset_kwargs['resolution'] == 8 and 'ema' not in meta
     assert not any(p.requires_grad for p in net.parameters()) and not net.training
-    ((seeds, images),) = list(sampling.generate_images(net, [0, 1, 2], num_steps=4))
+    ((seeds, images),) = list(generation.generate_images(net, [0, 1, 2], num_steps=4))
     assert seeds == [0, 1, 2] and images.dtype == torch.uint8 and images.shape == (3, 3, 8, 8)
     assert images.float().std() > 10 and not torch.equal(images[0], images[1])
 
 
-def test_images_do_not_depend_on_batch_size_or_rank_split(snapshots):
-    net, _ = sampling.load_network(snapshots['edm'])
+def test_images_do_not_depend_on_batch_size_or_rank_split(foreign_pickles):
+    net, _ = snapshots.load_network(foreign_pickles['edm'])
     seeds = list(range(7))
     settings = dict(num_steps=5, S_churn=10, cfg=1.3)   # random labels, churn noise and guidance all drawn per seed
     reference = {}
     for batch_size in (1, 3, 7):
-        for batch_seeds, images in sampling.generate_images(net, seeds, batch_size=batch_size, **settings):
+        for batch_seeds, images in generation.generate_images(net, seeds, batch_size=batch_size, **settings):
             for seed, image in zip(batch_seeds, images):
                 reference.setdefault(seed, image)
                 assert torch.equal(reference[seed], image), (seed, batch_size)
     split = {seed: image for rank in (0, 1)
-             for batch_seeds, images in sampling.generate_images(net, seeds, batch_size=2, rank=rank, world_size=2,
+             for batch_seeds, images in generation.generate_images(net, seeds, batch_size=2, rank=rank, world_size=2,
                                                                  **settings)
              for seed, image in zip(batch_seeds, images)}
     assert sorted(split) == seeds and all(torch.equal(split[s], reference[s]) for s in seeds)
 
 
-def test_class_idx_fixes_the_label(snapshots):
-    net, _ = sampling.load_network(snapshots['edm'])
-    fixed = [torch.cat([images for _, images in sampling.generate_images(net, [0, 1], class_idx=c, num_steps=4)])
+def test_class_idx_fixes_the_label(foreign_pickles):
+    net, _ = snapshots.load_network(foreign_pickles['edm'])
+    fixed = [torch.cat([images for _, images in generation.generate_images(net, [0, 1], class_idx=c, num_steps=4)])
              for c in range(3)]
     assert not torch.equal(fixed[0], fixed[1]) and not torch.equal(fixed[1], fixed[2])
 
@@ -401,17 +404,17 @@ def test_class_idx_fixes_the_label(snapshots):
     ('edm', dict(steps=5), 'Unknown sampler setting'),
     ('edm', dict(num_steps=0), 'num_steps'),
 ])
-def test_generate_images_checks_its_arguments_at_the_call(snapshots, kind, kwargs, match):
-    net, _ = sampling.load_network(snapshots[kind])
+def test_generate_images_checks_its_arguments_at_the_call(foreign_pickles, kind, kwargs, match):
+    net, _ = snapshots.load_network(foreign_pickles[kind])
     with pytest.raises(ValueError, match=match):
-        sampling.generate_images(net, [0], **kwargs)
+        generation.generate_images(net, [0], **kwargs)
 
 
 def test_resolution_for_networks_that_do_not_record_it():
     net = EDMSpy(img_channels=1, img_resolution=None)
     with pytest.raises(ValueError, match='--resolution'):
-        sampling.generate_images(net, [0])
-    ((_, images),) = list(sampling.generate_images(net, [0, 1], resolution=4, num_steps=2))
+        generation.generate_images(net, [0])
+    ((_, images),) = list(generation.generate_images(net, [0, 1], resolution=4, num_steps=2))
     assert images.shape == (2, 1, 4, 4)
 
 
@@ -437,7 +440,7 @@ def test_load_network_errors_are_one_line(tmp_path, monkeypatch):
     }
     for path, match in cases.items():
         with pytest.raises(ValueError, match=match) as info:
-            sampling.load_network(path)
+            snapshots.load_network(path)
         assert '\n' not in str(info.value), path
 
 
@@ -447,13 +450,13 @@ def test_our_networks_sample_with_the_full_grid():
     net = networks.EDMPrecond(img_resolution=8, img_channels=2, label_dim=2, use_pos=True, model_type='SongUNet',
                               model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[],
                               dropout=0).eval().requires_grad_(False)
-    assert sampling.network_info(net).convention == 'ours'
+    assert denoiser.network_info(net).convention == 'ours'
     x = _normal([2, 2, 8, 8]).double()
     labels = torch.eye(2)
     sigma = torch.tensor(0.7, dtype=torch.float64)
     expected = net(x.float(), sigma.float(), None, labels).double()   # pos=None: the network's own full grid
-    torch.testing.assert_close(sampling.make_denoiser(net, labels)(x, sigma), expected)
-    ((_, images),) = list(sampling.generate_images(net, [0, 1], num_steps=3, cfg=1.5))
+    torch.testing.assert_close(denoiser.make_denoiser(net, labels)(x, sigma), expected)
+    ((_, images),) = list(generation.generate_images(net, [0, 1], num_steps=3, cfg=1.5))
     assert images.shape == (2, 2, 8, 8)
 
 
@@ -463,13 +466,13 @@ def test_our_networks_sample_with_the_full_grid():
 
 def test_to_uint8_matches_edm_rounding():
     images = torch.tensor([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
-    assert sampling.to_uint8(images).tolist() == [0, 0, 128, 191, 255, 255]
+    assert image_io.to_uint8(images).tolist() == [0, 0, 128, 191, 255, 255]
 
 
 @pytest.mark.parametrize('channels, mode', [(1, 'L'), (3, 'RGB')])
 def test_save_image_grid(tmp_path, channels, mode):
     images = torch.randint(1, 256, [5, channels, 4, 6], dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    path = sampling.save_image_grid(images, tmp_path / 'grid.png')
+    path = image_io.save_image_grid(images, tmp_path / 'grid.png')
     with PIL.Image.open(path) as image:
         assert image.mode == mode and image.size == (3 * 6, 2 * 4)
         grid = np.asarray(image).reshape(8, 18, channels)
@@ -481,16 +484,16 @@ def test_save_image_grid(tmp_path, channels, mode):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['grid.png']
 
 
-def test_sample_grid_writes_the_generated_images(snapshots, tmp_path):
-    net, _ = sampling.load_network(snapshots['edm'])
+def test_sample_grid_writes_the_generated_images(foreign_pickles, tmp_path):
+    net, _ = snapshots.load_network(foreign_pickles['edm'])
     seeds = [4, 0, 9]
-    images = sampling.sample_grid(net, tmp_path / 'samples-000000.png', seeds, batch_size=2, grid_width=3, num_steps=3)
-    expected = torch.cat([batch for _, batch in sampling.generate_images(net, seeds, batch_size=2, num_steps=3)])
+    images = generation.sample_grid(net, tmp_path / 'samples-000000.png', seeds, batch_size=2, grid_width=3, num_steps=3)
+    expected = torch.cat([batch for _, batch in generation.generate_images(net, seeds, batch_size=2, num_steps=3)])
     assert torch.equal(images, expected)
     with PIL.Image.open(tmp_path / 'samples-000000.png') as grid:
-        assert np.array_equal(np.asarray(grid), sampling.image_grid(images, 3).permute(1, 2, 0).numpy())
+        assert np.array_equal(np.asarray(grid), image_io.image_grid(images, 3).permute(1, 2, 0).numpy())
 
 
 def test_save_image_rejects_other_channel_counts(tmp_path):
     with pytest.raises(ValueError, match='1 or 3 channels'):
-        sampling.save_image(torch.zeros([4, 2, 2], dtype=torch.uint8), tmp_path / 'x.png')
+        image_io.save_image(torch.zeros([4, 2, 2], dtype=torch.uint8), tmp_path / 'x.png')

@@ -15,12 +15,12 @@ from proctools import run_all
 import torch
 from click.testing import CliRunner
 
-import dataset_tool
 import train
 from tests.conftest import makefile_demo_flags
 from torch_utils import misc
-from training import sampling
+from training import runs, snapshots
 from training import training_loop as tl
+from training.archive import convert_dataset
 
 TRAIN_PY = os.path.abspath(train.__file__)
 TINY_FLAGS = ['--arch=ddpmpp', '--cbase=8', '--cres=1,2', '--blocks=1', '--attn=none', '--workers=0',
@@ -36,7 +36,7 @@ def data_dir(tmp_path_factory):
 def shapes_zip(data_dir):
     """32x32 RGB demo images with 5 class labels."""
     path = data_dir / 'shapes-32x32.zip'
-    dataset_tool.convert_dataset('demo:shapes:16', str(path), resolution=(32, 32))
+    convert_dataset('demo:shapes:16', str(path), resolution=(32, 32))
     return str(path)
 
 
@@ -48,7 +48,7 @@ def unlabelled_zip(data_dir, resolution):
     for i in range(8):
         PIL.Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f'{i}.png')
     path = data_dir / f'plain-{resolution}x{resolution}.zip'
-    dataset_tool.convert_dataset(str(folder), str(path))
+    convert_dataset(str(folder), str(path))
     return str(path)
 
 
@@ -152,13 +152,13 @@ def test_transfer_starts_from_the_snapshot(readme_run, shapes_zip, tmp_path, sub
     step has lr = 0, so the tick-0 snapshot equals the source bit for bit."""
     run_dir, _ = readme_run
     (source_name,) = [n for n in os.listdir(run_dir) if n.startswith('network-snapshot-')]
-    net, _ = sampling.load_network(str(run_dir / source_name))
+    net, _ = snapshots.load_network(str(run_dir / source_name))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():   # weights no fresh initialisation could have
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     source = tmp_path / 'source.pkl'
-    tl.save_snapshot(str(source), net, None, None, {})
+    snapshots.save_snapshot(str(source), net, None, None, {})
 
     outdir = tmp_path / 'runs'
     args = [f'--outdir={outdir}', f'--data={shapes_zip}', '--cond=0', '--arch=ddpmpp', '--batch=8',
@@ -213,11 +213,11 @@ def test_only_the_same_options_resume(readme_run):
     options = json.loads((run_dir / 'training_options.json').read_text())
     mine = dict(options, seed=12345)
     del mine['run_dir']
-    found = train.find_resumable_run(str(run_dir.parent), mine, seed_given=False, nosubdir=False)
-    assert found == (str(run_dir), tl.find_latest_state(str(run_dir)), options['seed'])
-    assert train.find_resumable_run(str(run_dir.parent), mine, seed_given=True, nosubdir=False) is None
+    found = runs.find_resumable_run(str(run_dir.parent), mine, seed_given=False, nosubdir=False)
+    assert found == (str(run_dir), runs.find_latest_state(str(run_dir)), options['seed'])
+    assert runs.find_resumable_run(str(run_dir.parent), mine, seed_given=True, nosubdir=False) is None
     mine['optimizer_kwargs'] = dict(mine['optimizer_kwargs'], lr=3e-4)
-    assert train.find_resumable_run(str(run_dir.parent), mine, seed_given=False, nosubdir=False) is None
+    assert runs.find_resumable_run(str(run_dir.parent), mine, seed_given=False, nosubdir=False) is None
 
 
 # ----------------------------------------------------------------------------

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import dataset_tool
 from torch_utils import misc, training_stats
+from training import patching, runs, snapshots
 from training import loss as loss_lib
-from training import sampling
 from training import training_loop as tl
+from training.archive import convert_dataset
 
 RESOLUTION = 32
 TINY_NET = dict(precond='edm', model_type='SongUNet', embedding_type='positional', encoder_type='standard',
@@ -41,7 +41,7 @@ def one_thread():
 def shapes_zip(tmp_path_factory):
     """A labelled 32x32 RGB dataset of 16 demo images (5 classes)."""
     path = tmp_path_factory.mktemp('data') / 'shapes-32x32.zip'
-    dataset_tool.convert_dataset('demo:shapes:16', str(path), resolution=(RESOLUTION, RESOLUTION))
+    convert_dataset('demo:shapes:16', str(path), resolution=(RESOLUTION, RESOLUTION))
     return str(path)
 
 
@@ -50,6 +50,9 @@ def trainer_kwargs(data, **overrides):
     kwargs = dict(dataset_kwargs=dict(path=data, use_labels=False), network_kwargs=dict(TINY_NET),
                   loss_kwargs=dict(loss='edm'), optimizer_kwargs=dict(lr=2e-3, betas=[0.9, 0.999], eps=1e-8),
                   patch_kwargs=dict(real_p=0.5), batch_size=8, lr_rampup_kimg=0, ema_halflife_kimg=0.5, seed=1)
+    performance = {key: overrides.pop(key) for key in ('precision', 'channels_last', 'compile_kwargs') if key in overrides}
+    if performance:
+        overrides['performance_kwargs'] = performance
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
             value = dict(kwargs[key], **value)
@@ -123,13 +126,13 @@ def test_resume_is_bit_exact(shapes_zip, tmp_path):
     first = make_trainer(shapes_zip, **options)
     assert [first.step() for _ in range(4)] == sizes[:4]
     path = tmp_path / 'training-state-000000.pt'
-    tl.save_state(str(path), first, cur_tick=3)
+    runs.save_state(str(path), dict(first.state_dict(), cur_tick=3))
     raw = torch.load(path, map_location='cpu', weights_only=True)   # plain tensors and numbers only
     assert raw['step'] == 4 and raw['cur_tick'] == 3
     del first
 
     second = make_trainer(shapes_zip, **options)
-    second.load_state_dict(tl.load_state(str(path)))
+    second.load_state_dict(runs.load_state(str(path)))
     assert second.step_count == 4 and second.cur_nimg == straight.nimg_at(4)
     assert [second.step() for _ in range(4)] == sizes[4:]
     assert_same_tensors(straight.net.state_dict(), second.net.state_dict())
@@ -196,7 +199,7 @@ def test_gradient_accumulation_matches_one_round(shapes_zip):
     ref.start_data()
     images, _ = ref.batches.take(1)
     y = images.to(torch.float32) / 127.5 - 1
-    deterministic_loss(ref.net, y, pos=tl.patching.full_grid(RESOLUTION, 4)).sum().div(4).backward()
+    deterministic_loss(ref.net, y, pos=patching.full_grid(RESOLUTION, 4)).sum().div(4).backward()
     for (name, p), q in zip(ref.net.named_parameters(), trainers[1].net.parameters()):
         assert (p.grad - q.grad).norm() <= 1e-5 * p.grad.norm(), name
 
@@ -273,7 +276,7 @@ def test_channels_last_trains_the_same(shapes_zip, tmp_path):
             assert (p.grad - q.grad).norm() <= 1e-3 * p.grad.norm(), name
     assert all(a == b for a, b in sizes) and len({a for a, _ in sizes}) > 1, sizes
     path = tmp_path / 'network-snapshot-000000.pkl'
-    tl.save_snapshot(str(path), fast.ema, fast.loss_fn, None, {})
+    snapshots.save_snapshot(str(path), fast.ema, fast.loss_fn, None, {})
     with open(path, 'rb') as f:
         saved = pickle.load(f)['ema']
     assert all(p.is_contiguous() for p in saved.parameters())
@@ -373,7 +376,7 @@ def loop_kwargs(data, run_dir, **overrides):
 
 
 def test_training_loop_stops_on_nan(shapes_zip, tmp_path, monkeypatch):
-    monkeypatch.setitem(tl.LOSSES, 'nan', AlwaysNaNLoss)
+    monkeypatch.setitem(loss_lib.LOSSES, 'nan', AlwaysNaNLoss)
     with pytest.raises(FloatingPointError, match=r'step 0\b.*tick 0\b'):
         tl.training_loop(**loop_kwargs(shapes_zip, tmp_path, loss_kwargs=dict(loss='nan'), max_bad_steps=0))
     assert not [name for name in os.listdir(tmp_path) if name.startswith(('training-state', 'network-snapshot'))]
@@ -382,12 +385,12 @@ def test_training_loop_stops_on_nan(shapes_zip, tmp_path, monkeypatch):
 def test_training_loop_keeps_states_from_before_the_bad_step(shapes_zip, tmp_path, monkeypatch):
     """NaN from step 3 (0-based) on, one step per tick: the error names step 3
     and tick 3, and the newest training state holds 3 steps (steps 0 to 2)."""
-    monkeypatch.setitem(tl.LOSSES, 'nan3', lambda: NaNFromStepLoss(3))
+    monkeypatch.setitem(loss_lib.LOSSES, 'nan3', lambda: NaNFromStepLoss(3))
     with pytest.raises(FloatingPointError, match=r'step 3\b.*tick 3\b'):
         tl.training_loop(**loop_kwargs(shapes_zip, tmp_path, loss_kwargs=dict(loss='nan3'), max_bad_steps=0))
     states = [name for name in os.listdir(tmp_path) if name.startswith('training-state')]
     assert states == ['training-state-000000.pt']   # one per tick, the same kimg name
-    state = tl.load_state(str(tmp_path / states[0]))
+    state = runs.load_state(str(tmp_path / states[0]))
     assert state['step'] == 3 and state['cur_tick'] == 3
     assert all(torch.isfinite(v).all() for v in state['net'].values())
 
@@ -407,7 +410,7 @@ class NaNOnceLoss(loss_lib.EDMLoss):
 
 def test_bad_step_message_names_the_bad_step(shapes_zip, tmp_path, monkeypatch):
     """A bad step inside a long tick: the message names that step, not the tick's last."""
-    monkeypatch.setitem(tl.LOSSES, 'nan1once', lambda: NaNOnceLoss(1))
+    monkeypatch.setitem(loss_lib.LOSSES, 'nan1once', lambda: NaNOnceLoss(1))
     kwargs = loop_kwargs(shapes_zip, tmp_path, loss_kwargs=dict(loss='nan1once'), max_bad_steps=0)
     kwargs['kimg_per_tick'] = 4 * 8 * E_M_PIXEL_HALF / 1000   # tick 1 = steps 1 to 4
     with pytest.raises(FloatingPointError, match=r'1 training steps .*step 1\b.*tick 1\b'):
@@ -437,7 +440,7 @@ def test_snapshot_reloads_with_same_outputs(loop_run):
     assert data['dataset_kwargs']['path'] == kwargs['dataset_kwargs']['path']
     assert isinstance(data['loss_fn'], loss_lib.EDMLoss)
 
-    net, meta = sampling.load_network(str(path))
+    net, meta = snapshots.load_network(str(path))
     assert tensors_equal(net, ema)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn([3, 3, RESOLUTION, RESOLUTION], generator=gen)
@@ -445,14 +448,14 @@ def test_snapshot_reloads_with_same_outputs(loop_run):
     with torch.no_grad():
         assert torch.equal(net(x, sigma), ema(x, sigma))
         patch = x[:, :, :16, 8:24]
-        pos = tl.patching.patch_grid(torch.zeros(3, dtype=torch.long), torch.full([3], 8), 16, RESOLUTION)
+        pos = patching.patch_grid(torch.zeros(3, dtype=torch.long), torch.full([3], 8), 16, RESOLUTION)
         assert torch.equal(net(patch, sigma, pos=pos), ema(patch, sigma, pos=pos))
     assert meta.patch_kwargs['real_p'] == 0.5
 
 
 def test_training_state_loads_weights_only(loop_run):
     run_dir, ema, _ = loop_run
-    path = tl.find_latest_state(str(run_dir))
+    path = runs.find_latest_state(str(run_dir))
     assert path == str(run_dir / 'training-state-000000.pt')
     state = torch.load(path, map_location='cpu', weights_only=True)
     assert state['step'] == 8 and state['format'] == 'patch-diffusion-state-v1'
@@ -488,7 +491,7 @@ def test_transfer_weights_copies_everything(loop_run, shapes_zip):
     run_dir, ema, _ = loop_run
     fresh = make_trainer(shapes_zip, seed=7)
     assert not tensors_equal(fresh.net, ema)
-    copied, missing = tl.transfer_weights(str(run_dir / 'network-snapshot-000000.pkl'), fresh.net)
+    copied, missing = snapshots.transfer_weights(str(run_dir / 'network-snapshot-000000.pkl'), fresh.net)
     assert sorted(copied) == sorted(name for name, _ in misc.named_params_and_buffers(fresh.net))
     assert missing == []
     assert tensors_equal(fresh.net, ema)
@@ -498,4 +501,4 @@ def test_transfer_weights_rejects_other_pickles(tmp_path):
     path = tmp_path / 'not-a-snapshot.pkl'
     path.write_bytes(pickle.dumps(dict(weights=[1, 2])))
     with pytest.raises(ValueError, match='ema'):
-        tl.transfer_weights(str(path), torch.nn.Linear(2, 2))
+        snapshots.transfer_weights(str(path), torch.nn.Linear(2, 2))

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+import dnnlib
+
 _device = None
 
 
@@ -104,3 +106,32 @@ def broadcast_object(obj, src=0):
     holder = [obj]
     torch.distributed.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def run_on_rank0(fn):
+    """fn() on rank 0 alone, then a barrier. Returns its result on rank 0 and
+    None elsewhere. An error on rank 0 is raised on every rank, so that no
+    rank waits forever: on the others as a ValueError with the same message
+    for a user error (ValueError, OSError), else a RuntimeError naming it."""
+    result, failure = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:   # raised again below, after the other ranks have been told
+            failure = err
+    report = None if failure is None else (isinstance(failure, (ValueError, OSError)), dnnlib.util.one_line(failure))
+    report = broadcast_object(report)
+    if failure is not None:
+        raise failure
+    if report is not None:
+        user_error, message = report
+        raise ValueError(message) if user_error else RuntimeError(f'Rank 0 failed: {message}')
+    return result
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the other ranks, so that only rank 0 downloads
+    (the others find the file in the cache). Returns fn()'s result on every
+    rank; an error on rank 0 is raised on every rank."""
+    result = run_on_rank0(fn)
+    return result if get_rank() == 0 else fn()

@@ -1,7 +1,7 @@
 """Small PyTorch helpers for the training loop and the network code.
 
 `constant` is also called by the source code embedded in EDM-style network
-pickles (SPEC.md section 3), so its name and signature are part of the format.
+pickles (docs/DESIGN.md section 4), so its name and signature are part of the format.
 """
 
 import contextlib
@@ -82,11 +82,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
 # ----------------------------------------------------------------------------
 # Parameters.
-
-def params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.parameters()) + list(module.buffers())
-
 
 def named_params_and_buffers(module):
     assert isinstance(module, torch.nn.Module)

@@ -1,7 +1,7 @@
 """Network pickles that carry the source code of their classes.
 
-The format is the one of EDM and the official Patch Diffusion code (SPEC.md
-section 3): an instance of a class decorated with `persistent_class` pickles
+The format is the one of EDM and the official Patch Diffusion code (docs/DESIGN.md
+section 4): an instance of a class decorated with `persistent_class` pickles
 as a call `_reconstruct_persistent_obj(meta)` with
 
     meta = {type: 'class', version: 6, module_src: <source text of the
@@ -15,15 +15,17 @@ changed or is gone -- and loading one RUNS CODE: only load files you trust.
 
 import copy
 import inspect
+import pickle
 import sys
 import types
 import uuid
+
+from dnnlib.util import EasyDict
 
 _FORMAT_VERSION = 6
 _live_module_names = set()     # modules whose classes were decorated here
 _src_to_module = {}            # module source text -> module object
 _module_to_src = {}            # module name -> module source text
-_import_hooks = []             # callables meta -> meta, run before rebuilding
 
 
 def persistent_class(orig_class):
@@ -55,7 +57,6 @@ def persistent_class(orig_class):
 
         @property
         def init_kwargs(self):
-            from dnnlib.util import EasyDict
             return EasyDict(copy.deepcopy(self._init_kwargs))
 
         def __reduce__(self):
@@ -76,13 +77,6 @@ def is_persistent(obj):
     """True for a persistent class or an instance of one."""
     cls = obj if isinstance(obj, type) else type(obj)
     return '_orig_module_src' in cls.__dict__ and '_orig_class_name' in cls.__dict__
-
-
-def import_hook(hook):
-    """Register `hook(meta) -> meta`, run on every persistent object before it
-    is rebuilt: a way to patch old pickles (rename a class, edit the source)."""
-    assert callable(hook)
-    _import_hooks.append(hook)
 
 
 def _source_of_module(module):
@@ -113,12 +107,8 @@ def _module_from_source(src):
 
 def _reconstruct_persistent_obj(meta):
     """Rebuild an object from its pickled `meta` (see the module docstring)."""
-    from dnnlib.util import EasyDict
     meta = EasyDict(meta)
     meta.state = EasyDict(meta.state)
-    for hook in _import_hooks:
-        meta = hook(meta)
-        assert meta is not None
     if meta.get('version') != _FORMAT_VERSION:
         raise ValueError(f'Unsupported persistent object version {meta.get("version")!r} '
                          f'(this code reads version {_FORMAT_VERSION})')
@@ -146,7 +136,6 @@ def load_network_pickle(f):
     """Unpickle a network pickle (ours, EDM's or the official Patch Diffusion's)
     from an open binary file. It runs the code embedded in the file; the
     first call of a process prints TRUST_NOTE."""
-    import pickle
     global _trust_note_shown
     if not _trust_note_shown:
         print(TRUST_NOTE, flush=True)

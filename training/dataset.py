@@ -1,5 +1,5 @@
 """Images and labels from dataset archives made by dataset_tool.py (a ZIP or a
-folder of PNGs plus dataset.json; SPEC.md section 3), and the VAE latents of
+folder of PNGs plus dataset.json; docs/DESIGN.md section 4), and the VAE latents of
 archives made by `dataset_tool.py encode` (LatentDataset).
 
 The constructor keywords are EDM's, so the `dataset_kwargs` stored in EDM and
@@ -26,7 +26,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
+IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.pbm', '.pgm', '.png', '.pnm', '.ppm', '.tif', '.tiff', '.webp')
 LATENT_METADATA = 'latents.json'
 LATENT_FORMAT = 'patch-diffusion-latents-v1'
 
@@ -387,3 +387,24 @@ class LatentDataset(_ArchiveDataset):
         """Return (stats float32 [2, C, h, w] = (mean, std), label float32 [label_dim])."""
         stats = self._raw_item(idx)[1 if self._xflip[idx] else 0]
         return stats.copy(), self.get_label(idx)
+
+
+# ----------------------------------------------------------------------------
+# The registry of dataset classes, by the name that training options and snapshots record.
+
+DATASET_CLASSES = {'training.dataset.ImageFolderDataset': ImageFolderDataset,
+                   'training.dataset.LatentDataset': LatentDataset}
+
+
+def dataset_class_name(path):
+    """The dataset class for a path: latents from `dataset_tool.py encode`, or images."""
+    return 'training.dataset.LatentDataset' if is_latent_archive(path) else 'training.dataset.ImageFolderDataset'
+
+
+def open_dataset(dataset_kwargs):
+    """The dataset of resolved options {class_name, path, ...} (class_name default: images)."""
+    kwargs = dict(dataset_kwargs)
+    name = kwargs.pop('class_name', 'training.dataset.ImageFolderDataset')
+    if name not in DATASET_CLASSES:
+        raise ValueError(f'Unknown dataset class {name!r}; known: {", ".join(DATASET_CLASSES)}')
+    return DATASET_CLASSES[name](**kwargs)

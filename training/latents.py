@@ -1,4 +1,4 @@
-"""Latent space (SPEC.md section 2, --train_on_latents): the VAE that maps
+"""Latent space (docs/DESIGN.md section 2, --train_on_latents): the VAE that maps
 images to latents and back, and how training turns dataset batches into
 latents.
 
@@ -31,7 +31,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.sampling import to_uint8
+from training.image_io import to_uint8
 
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'   # the official Patch Diffusion code's VAE
 DEFAULT_SCALE_FACTOR = 0.18215              # Stable Diffusion's latent scale factor
@@ -132,7 +132,7 @@ def draw_latents(mean, std, scale_factor, generator=None):
 
 def decode_latents(vae, latents, scale_factor):
     """Latents [N, C, h, w] in network units (scaled) -> uint8 images
-    [N, 3, h f, w f] on the VAE's device, rounded as sampling.to_uint8."""
+    [N, 3, h f, w f] on the VAE's device, rounded as image_io.to_uint8."""
     z = latents.to(_vae_device(vae), vae.dtype) / scale_factor
     with torch.no_grad():
         images = vae.decode(z).sample
@@ -246,22 +246,24 @@ class OnlineEncoder:
         return draw_latents(mean, std, self.info.scale_factor)
 
 
-def latent_encoder(dataset, train_on_latents=False, vae=None, scale_factor=None, device='cpu'):
+def latent_encoder(dataset, latent_kwargs=None, device='cpu'):
     """How training turns `dataset` batches into network inputs in latent space.
 
-    PreEncodedLatents for a pre-encoded dataset (dataset.is_latent; vae and
-    scale_factor, if given, must match the archive's), OnlineEncoder for a
-    raw image dataset with train_on_latents (vae, scale_factor default
-    DEFAULT_VAE, DEFAULT_SCALE_FACTOR), None for pixel-space training.
-    The network is then built for info.latent_resolution, info.latent_channels.
+    PreEncodedLatents for a pre-encoded dataset (dataset.is_latent; the vae
+    and scale_factor of latent_kwargs, if given, must match the archive's),
+    OnlineEncoder for a raw image dataset with latent_kwargs = {vae,
+    scale_factor} (None values: DEFAULT_VAE, DEFAULT_SCALE_FACTOR), None for
+    pixel-space training (latent_kwargs None). The network is then built for
+    info.latent_resolution, info.latent_channels.
     """
+    vae, scale_factor = (latent_kwargs or {}).get('vae'), (latent_kwargs or {}).get('scale_factor')
     if getattr(dataset, 'is_latent', False):   # any map-style dataset of images counts as pixels
         for name, value in (('vae', vae), ('scale_factor', scale_factor)):
             if value is not None and value != getattr(dataset, name):
                 raise ValueError(f'--{name}={value} contradicts the dataset, which was encoded with '
                                  f'{name}={getattr(dataset, name)}; leave --{name} out')
         return PreEncodedLatents(dataset)
-    if not train_on_latents:
+    if latent_kwargs is None:
         return None
     return OnlineEncoder(dataset, DEFAULT_VAE if vae is None else vae,
                          DEFAULT_SCALE_FACTOR if scale_factor is None else scale_factor, device)

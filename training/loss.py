@@ -73,3 +73,9 @@ class EDMLoss:
 LOSSES = {'vp': VPLoss, 've': VELoss, 'edm': EDMLoss}
 
 __all__ = ['VPLoss', 'VELoss', 'EDMLoss', 'LOSSES']
+
+
+def build_loss(loss_kwargs):
+    """The loss of resolved options {loss: 'vp' | 've' | 'edm', ...}."""
+    kwargs = dict(loss_kwargs)
+    return LOSSES[kwargs.pop('loss')](**kwargs)

@@ -1,4 +1,4 @@
-"""Frechet Inception Distance (FID) as in EDM (SPEC.md section 3).
+"""Frechet Inception Distance (FID) as in EDM (docs/DESIGN.md section 4).
 
 Features are the [N, D] outputs of a detector, called as
 `detector(images, return_features=True)` on uint8 RGB images [N, 3, H, W] in
@@ -24,10 +24,13 @@ import zipfile
 
 import numpy as np
 import torch
+import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import persistence
+from training import generation
+from training.dataset import ImageFolderDataset
 
 DEFAULT_DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/'
                         'metrics/inception-2015-12-05.pkl')
@@ -50,7 +53,7 @@ def load_detector(path_or_url=None, device='cpu'):
     """
     path_or_url = path_or_url or DEFAULT_DETECTOR_URL
     device = torch.device(device)
-    return _rank0_first(_load_detector, path_or_url, device)
+    return dist.rank0_first(lambda: _load_detector(path_or_url, device))
 
 
 def _load_detector(path_or_url, device):
@@ -252,7 +255,7 @@ def load_ref(path_or_url):
     loads first and every rank must call this). ValueError for a file that
     is not such an .npz.
     """
-    return _rank0_first(_load_ref, path_or_url)
+    return dist.rank0_first(lambda: _load_ref(path_or_url))
 
 
 def _load_ref(path_or_url):
@@ -282,25 +285,6 @@ def save_ref(path, mu, sigma):
         np.savez(f, mu=mu, sigma=sigma)
 
 
-def _rank0_first(load, *args):
-    """load(*args) on rank 0, then on the other ranks (which then find downloads cached).
-
-    A failure on rank 0 is raised on every rank.
-    """
-    result, failure = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = load(*args)
-        except Exception as err:   # re-raised below, after the other ranks have been told
-            failure = err
-    message = dist.broadcast_object(None if failure is None else str(failure))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise ValueError(message)
-    return result if dist.get_rank() == 0 else load(*args)
-
-
 # ----------------------------------------------------------------------------
 # Image sources.
 
@@ -311,7 +295,6 @@ def open_image_folder(path, num=None, seed=0, allow_small=False):
     num: None = all; fewer than found = a subset chosen by `seed` (as EDM);
     more than found = ValueError unless allow_small, which takes all found.
     """
-    from training.dataset import ImageFolderDataset
     dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num and not allow_small:
         raise ValueError(f'Found {len(dataset)} images in {path}, but expected at least {num}; generate more, '
@@ -359,7 +342,6 @@ def _progress(batches, total):
     """A tqdm progress bar on rank 0 (stderr); the batches unchanged elsewhere."""
     if dist.get_rank() != 0:
         return batches
-    import tqdm
     return tqdm.tqdm(batches, total=total, unit='batch')
 
 
@@ -367,19 +349,25 @@ def _progress(batches, total):
 # FID.
 
 
-def calculate_fid(image_batches, ref, detector=None, num_expected=None, device=None):
-    """FID of this rank's share of images against reference statistics, on every rank.
+def calculate_fid(image_path, ref, detector=None, num=None, seed=0, allow_small=False, batch_size=64,
+                  num_workers=3, device=None, progress=False):
+    """FID of the images in a folder or zip against reference statistics, on every rank (fid.py calc).
 
-    image_batches: iterable of uint8 [n, C, H, W]; ref: (mu, sigma) or an
-    .npz path or URL; detector: a module, a path or URL, or None for the
-    default Inception-v3.
+    ref: (mu, sigma) or an .npz path or URL; detector: a module, a path or
+    URL, or None for the default Inception-v3; num, seed, allow_small: as
+    `open_image_folder`; progress: a progress bar and status lines on rank 0.
+    Every rank must call this (collective).
     """
     device = dist.get_device() if device is None else torch.device(device)
     if not isinstance(ref, (tuple, list)):
         ref = load_ref(ref)
     if detector is None or isinstance(detector, (str, os.PathLike)):
         detector = load_detector(detector, device)
-    mu, sigma = calculate_stats(image_batches, detector, num_expected=num_expected, device=device)
+    mu, sigma = calculate_stats_for_folder(image_path, detector, num=num, seed=seed, allow_small=allow_small,
+                                           batch_size=batch_size, num_workers=num_workers, device=device,
+                                           progress=progress)
+    if progress:
+        dist.print0('Calculating FID...')
     return frechet_distance(mu, sigma, *ref)
 
 
@@ -396,18 +384,17 @@ def _cached_ref(path_or_url):
 def calc_metric_for_network(metric, net, ref, num=50000, detector=None, batch_size=64, device=None, latent=None):
     """A metric of a network during training: 'fid' of `num` images, seeds 0 .. num - 1.
 
-    Each rank generates its share of the images (training.sampling with its
-    default sampler). The detector and the reference are loaded once per
+    Each rank generates its share of the images (training.generation with
+    the default sampler). The detector and the reference are loaded once per
     process. `latent`: the snapshot's latent record, to decode latent models'
     samples to pixels. Returns the FID, a float, on every rank.
     """
-    from training import sampling
     if metric != 'fid':
         raise ValueError(f'Unknown metric {metric!r}; the metrics are: fid')
     device = dist.get_device() if device is None else torch.device(device)
     mu_ref, sigma_ref = _cached_ref(ref)
     detector = _cached_detector(detector, device)
-    batches = (images for _seeds, images in sampling.generate_images(net, range(num), batch_size, device=device,
+    batches = (images for _seeds, images in generation.generate_images(net, range(num), batch_size, device=device,
                                                                                  latent=latent))
     mu, sigma = calculate_stats(batches, detector, num_expected=num, device=device)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)

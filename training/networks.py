@@ -9,12 +9,12 @@ same outputs):
 - `DhariwalUNet`: ADM (Dhariwal & Nichol, "Diffusion Models Beat GANs on
   Image Synthesis"), as re-implemented by EDM.
 
-Preconditioners (EDM paper, Table 1; SPEC.md section 1): `VPPrecond`,
+Preconditioners (EDM paper, Table 1; docs/DESIGN.md section 1): `VPPrecond`,
 `VEPrecond`, `EDMPrecond`. Each computes
 
     D(x; sigma) = c_skip * x + c_out * F(cat(c_in * x, pos); c_noise)
 
-where `pos` are the optional Patch Diffusion coordinate channels (SPEC.md
+where `pos` are the optional Patch Diffusion coordinate channels (docs/DESIGN.md
 section 2), added after c_in scaling and carrying no noise.
 
 Tensor layout is NCHW throughout. This module is embedded in network pickles
@@ -354,12 +354,6 @@ def _check_input_size(x, num_levels):
                          f'so height and width must be multiples of {multiple}; use such a patch size')
 
 
-def _check_choice(name, value, choices):
-    """Raise ValueError unless value is one of choices."""
-    if value not in choices:
-        raise ValueError(f'{name}={value!r} is not supported; choose one of {", ".join(map(repr, choices))}')
-
-
 def _drop_labels(class_labels, label_dropout, training):
     """Zero the label rows [N, label_dim] with probability label_dropout while training."""
     if not (training and label_dropout):
@@ -407,9 +401,11 @@ class SongUNet(torch.nn.Module):
                  resample_filter=[1, 1],         # FIR resampling filter: [1,1] (DDPM++), [1,3,3,1] (NCSN++).
                  implicit_mlp=False,             # First layer is an ImplicitMLP instead of a 3x3 conv.
                  ):
-        _check_choice('embedding_type', embedding_type, ['fourier', 'positional'])
-        _check_choice('encoder_type', encoder_type, ['standard', 'skip', 'residual'])
-        _check_choice('decoder_type', decoder_type, ['standard', 'skip'])
+        for name, value, choices in (('embedding_type', embedding_type, ('fourier', 'positional')),
+                                     ('encoder_type', encoder_type, ('standard', 'skip', 'residual')),
+                                     ('decoder_type', decoder_type, ('standard', 'skip'))):
+            if value not in choices:
+                raise ValueError(f'{name}={value!r} is not supported; choose one of {", ".join(choices)}')
         super().__init__()
         self.label_dropout = label_dropout
         self.num_levels = len(channel_mult)
@@ -637,21 +633,34 @@ class DhariwalUNet(torch.nn.Module):
 MODELS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 
 # ----------------------------------------------------------------------------
-# Coordinate channels (SPEC.md section 2).
+# Coordinate channels (docs/DESIGN.md section 2). Their one home is here, not in
+# patching.py, because a network pickle embeds this module's source alone.
 
 
-def _full_grid(resolution, batch_size, device):
-    """Coordinate grid of the whole R x R image: [N, 2, R, R], channels [x, y].
+def coordinate_values(index, resolution):
+    """Pixel indices of the full image mapped to [-1, 1]: (index / (R - 1) - 0.5) * 2."""
+    return (index / (resolution - 1) - 0.5) * 2
 
-    value(index) = (index / (R - 1) - 0.5) * 2, so both run from -1 to 1;
-    channel 0 varies along columns (x), channel 1 along rows (y). Computed in
-    float64 and rounded once to float32, so it equals the formula evaluated
-    in Python or numpy.
+
+def patch_grid(top, left, size, resolution, dtype=torch.float32):
+    """Coordinate grids of P x P patches whose top-left corners are (top, left).
+
+    top, left: integer tensors [N]. Returns [N, 2, P, P]: channel 0 is x
+    (column), channel 1 is y (row), in full-image coordinates in [-1, 1].
+    Computed in float64 and rounded once, so the values equal the formula.
     """
-    values = (torch.arange(resolution, dtype=torch.float64, device=device) / (resolution - 1) - 0.5) * 2
-    values = values.to(torch.float32)
-    rows, cols = torch.meshgrid(values, values, indexing='ij')
-    return torch.stack([cols, rows]).unsqueeze(0).expand(batch_size, -1, -1, -1)
+    offsets = torch.arange(size, device=top.device)
+    rows = coordinate_values((top[:, None] + offsets).to(torch.float64), resolution).to(dtype)    # [N, P]
+    cols = coordinate_values((left[:, None] + offsets).to(torch.float64), resolution).to(dtype)   # [N, P]
+    x = cols[:, None, :].expand(-1, size, -1)
+    y = rows[:, :, None].expand(-1, -1, size)
+    return torch.stack([x, y], dim=1)
+
+
+def full_grid(resolution, batch_size=1, device='cpu', dtype=torch.float32):
+    """The coordinate grid of the whole R x R image, [N, 2, R, R] (training at P = R, and sampling)."""
+    zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+    return patch_grid(zeros, zeros, resolution, resolution, dtype=dtype)
 
 
 def _encode_coordinates(pos, pos_freqs):
@@ -754,7 +763,7 @@ class _Precond(torch.nn.Module):
             if height != self.img_resolution or width != self.img_resolution:
                 raise ValueError(f'pos is needed for a {height}x{width} patch; the default (the full image grid) '
                                  f'only fits {self.img_resolution}x{self.img_resolution} inputs')
-            pos = _full_grid(self.img_resolution, n, x.device)
+            pos = full_grid(self.img_resolution, n, x.device)
         if tuple(pos.shape) != (n, 2, height, width):
             raise ValueError(f'pos has shape {list(pos.shape)}; expected [N, 2, H, W] = {[n, 2, height, width]}')
         return _encode_coordinates(pos.to(device=x.device, dtype=torch.float32), self.pos_freqs)
@@ -848,7 +857,7 @@ class VEPrecond(_Precond):
 
 @persistence.persistent_class
 class EDMPrecond(_Precond):
-    """EDM preconditioning (EDM paper, Table 1; SPEC.md section 1).
+    """EDM preconditioning (EDM paper, Table 1; docs/DESIGN.md section 1).
 
     c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma * sd / sqrt(sigma^2 + sd^2),
     c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4, sd = sigma_data.
@@ -885,3 +894,22 @@ class EDMPrecond(_Precond):
 
 
 PRECONDITIONERS = {'vp': VPPrecond, 've': VEPrecond, 'edm': EDMPrecond}
+
+# Architectures by the name of train.py --arch: the UNet and its EDM defaults
+# (preconditioner keyword arguments; --cbase, --cres, ... override them).
+ARCHITECTURES = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                   model_channels=128, channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
+                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
+                   model_channels=128, channel_mult=[2, 2, 2]),
+    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+
+
+def build_network(network_kwargs, img_resolution, img_channels, label_dim):
+    """The preconditioned network of resolved options {precond, model_type, ...}."""
+    kwargs = dict(network_kwargs)
+    return PRECONDITIONERS[kwargs.pop('precond')](img_resolution=img_resolution, img_channels=img_channels,
+                                                  label_dim=label_dim, **kwargs)

@@ -1,5 +1,5 @@
 """Everything about patches: sizes, probabilities, batch multipliers, the
-per-step draw, cropping and coordinate grids (SPEC.md section 2).
+per-step draw, cropping and coordinate grids (docs/DESIGN.md section 2).
 
 Conventions
 - A square image of resolution R is trained on square patches of size P.
@@ -19,6 +19,8 @@ Conventions
 
 import numpy as np
 import torch
+
+from training.networks import coordinate_values, full_grid, patch_grid  # noqa: F401 (the grid is part of this API)
 
 PATCH_FLOOR = 8
 
@@ -90,32 +92,6 @@ class PatchSchedule:
 
     def describe(self):
         return ', '.join(f'{s}px: p={q:.3f} x{m}' for s, q, m in zip(self.sizes, self.probs, self.multipliers))
-
-
-def coordinate_values(index, resolution):
-    """Map pixel indices of the full image to [-1, 1]: (index / (R-1) - 0.5) * 2."""
-    return (index / (resolution - 1) - 0.5) * 2
-
-
-def patch_grid(top, left, size, resolution, dtype=torch.float32):
-    """Coordinate grids of patches whose top-left corners are (top, left).
-
-    top, left: integer tensors [N]. Returns [N, 2, size, size]: channel 0 is x
-    (column), channel 1 is y (row), in full-image coordinates in [-1, 1].
-    """
-    offsets = torch.arange(size, device=top.device)
-    # Computed in float64 and rounded once, so the values equal the formula exactly.
-    rows = coordinate_values((top[:, None] + offsets).to(torch.float64), resolution).to(dtype)    # [N, size]
-    cols = coordinate_values((left[:, None] + offsets).to(torch.float64), resolution).to(dtype)   # [N, size]
-    x = cols[:, None, :].expand(-1, size, -1)
-    y = rows[:, :, None].expand(-1, -1, size)
-    return torch.stack([x, y], dim=1)
-
-
-def full_grid(resolution, batch_size=1, device='cpu', dtype=torch.float32):
-    """The coordinate grid of the whole image, [N, 2, R, R] (used for sampling)."""
-    zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
-    return patch_grid(zeros, zeros, resolution, resolution, dtype=dtype)
 
 
 def random_corners(batch_size, resolution, size, generator=None, device='cpu'):

@@ -1,6 +1,6 @@
-"""The training loop: patch-wise EDM training (SPEC.md sections 1 and 2).
+"""The training loop: patch-wise EDM training (docs/DESIGN.md sections 2 and 3).
 
-One step:
+One step (`Trainer.step`):
   1. Every rank draws the SAME patch size P for the step (seeded by seed and
      step), so ranks do equal work; the batch multiplier m = R / P.
   2. Each accumulation round loads m * batch_gpu full images, augments them
@@ -8,8 +8,8 @@ One step:
      patch per image with its coordinate grid, and backpropagates the loss,
      normalised per image. --batch-gpu bounds the pixels of a round, not its
      images: a patch step packs up to m of the batch_gpu rounds into one
-     (`round_plan`), so its rounds, and their fixed per-round cost of
-     launching the network's kernels, shrink with its work.
+     (`Trainer.round_plan`), so its rounds, and their fixed per-round cost
+     of launching the network's kernels, shrink with its work.
   3. Non-finite gradients skip the optimizer step and are counted (never
      zeroed silently); too many stop the run.
   4. Adam with learning-rate ramp-up, then an EMA update with a half-life in
@@ -17,197 +17,35 @@ One step:
 The progress counter adds batch * E[m] images per step. All randomness of a
 step comes from generators seeded by (seed, rank, step), so a resumed run
 continues exactly as if it had never stopped.
+
+`training_loop` runs steps in ticks; at the end of each tick it reports
+(`_TickReporter`: console, stats.jsonl, TensorBoard) and saves
+(`_save_outputs`: snapshots, sample grids, metrics, training states).
 """
 
-import contextlib
 import copy
 import json
 import os
-import pickle
-import re
 import time
-import zipfile
 
 import numpy as np
 import psutil
 import torch
 
 import dnnlib
-from dnnlib.util import atomic_path, atomic_write
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
-from training import networks, patching
-from training.loss import LOSSES
-
-STATE_RE = re.compile(r'^training-state-(\d+)\.pt$')
-
-
-# ----------------------------------------------------------------------------
-# Construction from the resolved options (the dicts in training_options.json).
-
-def dataset_classes():
-    """Explicit registry of dataset classes by the name stored in snapshots."""
-    from training import dataset
-    return {'training.dataset.ImageFolderDataset': dataset.ImageFolderDataset,
-            'training.dataset.LatentDataset': dataset.LatentDataset}
-
-
-def build_dataset(dataset_kwargs):
-    kwargs = dict(dataset_kwargs)
-    name = kwargs.pop('class_name', 'training.dataset.ImageFolderDataset')
-    classes = dataset_classes()
-    if name not in classes:
-        raise ValueError(f'Unknown dataset class {name!r}; known: {", ".join(classes)}')
-    return classes[name](**kwargs)
-
-
-def build_network(network_kwargs, img_resolution, img_channels, label_dim):
-    kwargs = dict(network_kwargs)
-    precond = kwargs.pop('precond')
-    return networks.PRECONDITIONERS[precond](img_resolution=img_resolution, img_channels=img_channels,
-                                             label_dim=label_dim, **kwargs)
-
-
-def build_loss(loss_kwargs):
-    kwargs = dict(loss_kwargs)
-    return LOSSES[kwargs.pop('loss')](**kwargs)
-
-
-def build_augment_pipe(augment_kwargs):
-    if not augment_kwargs:
-        return None
-    from training.augment import AugmentPipe
-    return AugmentPipe(**augment_kwargs)
+from training import generation, latents, patching, runs, snapshots
+from training.augment import AugmentPipe
+from training.dataset import open_dataset
+from training.loss import build_loss
+from training.metrics import calc_metric_for_network
+from training.networks import build_network
 
 
 def step_seed(seed, rank, step):
     """A 63-bit seed for the randomness of (seed, rank, step)."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]) >> 1
-
-
-# ----------------------------------------------------------------------------
-# Files.
-
-SNAPSHOT_FORMATS = ('pkl', 'safetensors', 'both')
-
-
-def find_latest_state(run_dir):
-    """Path of the newest readable training-state-*.pt in run_dir, or None.
-
-    States are named by whole kimg; a newer state of the same kimg replaces
-    the older one atomically, so the highest number is the newest. A state
-    that cannot be read (truncated by something outside this code: our own
-    writes are atomic) is skipped for the previous one, with a note.
-    """
-    if not os.path.isdir(run_dir):
-        return None
-    states = sorted((int(m.group(1)), name) for name in os.listdir(run_dir) if (m := STATE_RE.match(name)))
-    for _, name in reversed(states):
-        path = os.path.join(run_dir, name)
-        try:
-            load_state(path, mmap=True)
-        except ValueError as err:
-            print(f'Skipping unreadable training state: {err}')
-            continue
-        return path
-    return None
-
-
-@contextlib.contextmanager
-def _writing(path):
-    """Turn an OSError while writing `path` (disk full, no permission) into
-    one that names the file and says that the files before it are intact."""
-    try:
-        yield
-    except OSError as err:
-        raise OSError(err.errno, f'Cannot write {path}: {err.strerror or err}. The earlier snapshots and '
-                                 f'training states are untouched; free space or fix the folder, then run '
-                                 f'the same command again to resume') from err
-
-
-def save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, extra=None, snapshot_format='pkl'):
-    """Write a network snapshot, atomically: `path` (a .pkl in EDM's layout,
-    plus our extra keys) and/or, with snapshot_format 'safetensors' or
-    'both', the same name with .safetensors (loadable without unpickling).
-    Returns the paths written."""
-    if snapshot_format not in SNAPSHOT_FORMATS:
-        raise ValueError(f'snapshot_format={snapshot_format!r}; choose one of {", ".join(SNAPSHOT_FORMATS)}')
-    from training import sampling
-    ema = copy.deepcopy(ema).eval().requires_grad_(False).cpu().to(memory_format=torch.contiguous_format)
-    data = dict(ema=ema, loss_fn=loss_fn,
-                augment_pipe=augment_pipe, dataset_kwargs=dnnlib.EasyDict(dataset_kwargs))
-    data.update(extra or {})
-    paths = []
-    if snapshot_format in ('pkl', 'both'):
-        with _writing(path), atomic_write(path) as f:
-            pickle.dump(data, f)
-        paths.append(path)
-    if snapshot_format in ('safetensors', 'both'):
-        st_path = os.path.splitext(path)[0] + '.safetensors'
-        with _writing(st_path):
-            sampling.save_network_safetensors(st_path, data['ema'], data)
-        paths.append(st_path)
-    return paths
-
-
-def save_state(path, trainer, cur_tick):
-    """Write a training state of plain tensors (loadable with weights_only=True).
-
-    No RNG state is needed: every random draw of step k is seeded by
-    (seed, rank, k), and `consumed` positions the data sampler.
-    """
-    state = dict(trainer.state_dict(), cur_tick=cur_tick, format='patch-diffusion-state-v1')
-    with _writing(path), atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def transfer_weights(path_or_url, net):
-    """Copy the weights of the network of a snapshot into `net` by name.
-
-    Works with our .pkl and .safetensors snapshots and EDM's and the
-    official Patch Diffusion pickles (same parameter names). Returns
-    (copied, missing) names. ValueError naming the file if it is not a
-    readable snapshot.
-    """
-    from training import sampling
-    source, _ = sampling.load_network(path_or_url)
-    return misc.copy_params_and_buffers(source, net)
-
-
-def load_state(path, mmap=False):
-    """A training state written by save_state, with weights_only=True (no code
-    runs). mmap=True maps the tensors instead of reading them: a cheap check
-    of a file's structure. ValueError naming the file if it is unreadable."""
-    advice = 'The file may be truncated; resume from an earlier training-state-*.pt with --resume'
-    if not os.path.isfile(path):
-        raise ValueError(f'Cannot read training state {path}: no such file')
-    if not zipfile.is_zipfile(path):   # torch.save writes a zip archive; its directory is at the end
-        raise ValueError(f'Cannot read training state {path}: not a complete torch.save archive. {advice}')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except Exception as err:
-        raise ValueError(f'Cannot read training state {path}: {" ".join(str(err).split())}. {advice}') from err
-    if not isinstance(state, dict) or state.get('format') != 'patch-diffusion-state-v1':
-        raise ValueError(f'{path} is not a training state written by this code')
-    return state
-
-
-def run_on_rank0(fn):
-    """fn() on rank 0 alone, also a barrier. Returns its result on rank 0 and
-    None elsewhere. An error on rank 0 is raised on every rank (as a
-    RuntimeError on the others), so that no rank waits for it forever."""
-    result, failure = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as err:   # raised again below, after the other ranks have been told
-            failure = err
-    message = dist.broadcast_object(None if failure is None else ' '.join(str(failure).split()))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise RuntimeError(f'Rank 0 failed: {message}')
-    return result
 
 
 def _test_exit_step(rank):
@@ -223,6 +61,8 @@ def _test_exit_step(rank):
 
 
 # ----------------------------------------------------------------------------
+# One step.
+
 
 class _Batches:
     """Full-image batches of `batch_gpu` images from an infinite, resumable sampler.
@@ -252,14 +92,6 @@ class _Batches:
         return torch.cat(images), torch.cat(labels)
 
 
-def _tensorboard_writer(run_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(run_dir)
-
-
 class Trainer:
     """Everything a training step needs, and the step itself.
 
@@ -269,15 +101,20 @@ class Trainer:
     """
 
     def __init__(self, dataset_kwargs=None, data_loader_kwargs=None, network_kwargs=None, loss_kwargs=None,
-                 optimizer_kwargs=None, augment_kwargs=None, patch_kwargs=None, seed=0, batch_size=512,
-                 batch_gpu=None, total_kimg=200000, ema_halflife_kimg=500, ema_rampup_ratio=0.05,
-                 lr_rampup_kimg=10000, loss_scaling=1, precision='fp32', device=torch.device('cpu'),
-                 latent_kwargs=None, dataset=None, channels_last=False, compile_kwargs=None):
+                 optimizer_kwargs=None, augment_kwargs=None, patch_kwargs=None, latent_kwargs=None,
+                 performance_kwargs=None, seed=0, batch_size=512, batch_gpu=None, total_kimg=200000,
+                 ema_halflife_kimg=500, ema_rampup_ratio=0.05, lr_rampup_kimg=10000, loss_scaling=1,
+                 device='cpu', dataset=None):
+        """The resolved options of training.config.build_config (see there),
+        on `device`; `dataset`: an opened dataset instead of dataset_kwargs.
+        performance_kwargs: precision ('fp32' | 'bf16' autocast),
+        channels_last, compile_kwargs (None: eager; else torch.compile's)."""
         self.device = device = torch.device(device)
         rank, world = dist.get_rank(), dist.get_world_size()
         self.seed, self.rank = seed, rank
         patch_kwargs = dict(patch_kwargs or {})
         optimizer_kwargs = dict(optimizer_kwargs or dict(lr=10e-4, betas=(0.9, 0.999), eps=1e-8))
+        performance = {**dict(precision='fp32', channels_last=False, compile_kwargs=None), **(performance_kwargs or {})}
 
         # Batch geometry: each rank runs num_rounds rounds of batch_gpu full images (x m for patches).
         if batch_size % world:
@@ -289,32 +126,28 @@ class Trainer:
                              f'--batch-gpu={self.batch_gpu}')
         self.num_rounds = self.batch_gpu_total // self.batch_gpu   # rounds of a full-image step
 
-        self.dataset = dataset if dataset is not None else build_dataset(dataset_kwargs)
-        # Latent space: a pre-encoded archive, or raw images encoded on the fly (SPEC section 2).
-        from training import latents
-        self.encoder = latents.latent_encoder(self.dataset, patch_kwargs.get('latent', False), device=device,
-                                              **(latent_kwargs or {}))
+        self.dataset = dataset if dataset is not None else open_dataset(dataset_kwargs)
+        # Latent space: a pre-encoded archive, or raw images encoded on the fly (docs/DESIGN.md section 2).
+        self.encoder = latents.latent_encoder(self.dataset, latent_kwargs, device)
         if self.encoder is not None:
             resolution, channels = self.encoder.info.latent_resolution, self.encoder.info.latent_channels
-            if augment_kwargs:
-                raise ValueError('Augmentation (--augment) works on pixels; use --augment=0 in latent space')
         else:
             resolution, channels = self.dataset.resolution, self.dataset.num_channels
         self.schedule = patching.PatchSchedule(resolution, patch_kwargs.get('real_p', 1.0),
                                                latent=self.encoder is not None,
                                                progressive=patch_kwargs.get('progressive', False), seed=seed)
-        self.nimg_per_step = batch_size * self.schedule.expected_multiplier   # image accounting, SPEC section 2
+        self.nimg_per_step = batch_size * self.schedule.expected_multiplier   # image accounting, DESIGN section 2
         self.total_nimg = max(int(total_kimg * 1000), 1)
 
         torch.manual_seed(seed)   # the same initial weights on every rank and in every run with this seed
         self.net = build_network(network_kwargs, resolution, channels, self.dataset.label_dim)
         # Inputs stay as they are (the noise drawn for them keeps its values): a convolution
         # with channels-last weights returns channels-last activations from the first layer on.
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if performance['channels_last'] else torch.contiguous_format
         self.net.train().requires_grad_(True).to(device, memory_format=memory_format)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = build_loss(loss_kwargs)
-        self.augment_pipe = build_augment_pipe(augment_kwargs)
+        self.augment_pipe = AugmentPipe(**augment_kwargs) if augment_kwargs else None
         # Fused Adam skips a step with non-finite gradients on the device (found_inf) and
         # undoes the loss scaling (grad_scale) in its kernel: the step never waits for the device.
         self.optimizer = torch.optim.Adam(self.net.parameters(), fused=True, **optimizer_kwargs)
@@ -324,13 +157,13 @@ class Trainer:
         self.base_lr = optimizer_kwargs['lr']
         self.ema_halflife_kimg, self.ema_rampup_ratio = ema_halflife_kimg, ema_rampup_ratio
         self.lr_rampup_kimg, self.loss_scaling = lr_rampup_kimg, loss_scaling
-        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=(performance['precision'] == 'bf16'))
         self.ddp = self.net
         if world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
-        if compile_kwargs is not None:   # one graph per patch shape; the parameters stay those of self.net
-            self.ddp = torch.compile(self.ddp, **compile_kwargs)
+        if performance['compile_kwargs'] is not None:   # one graph per patch shape; the parameters stay self.net's
+            self.ddp = torch.compile(self.ddp, **performance['compile_kwargs'])
         self.data_loader_kwargs = data_loader_kwargs or dict(num_workers=0)
         self.step_count = 0
         self.batches = None
@@ -439,6 +272,10 @@ class Trainer:
         return P
 
 
+# ----------------------------------------------------------------------------
+# The loop.
+
+
 def training_loop(
     run_dir='.',
     kimg_per_tick=50,
@@ -451,7 +288,7 @@ def training_loop(
     sample_count=16,             # images in samples-NNNNNN.png at each snapshot (0 = none)
     metrics=(),                  # e.g. ('fid',)
     metric_kwargs=None,          # ref, num, detector for the metrics
-    device=torch.device('cpu'),
+    device='cpu',
     tensorboard=True,
     snapshot_format='pkl',       # 'pkl' (EDM's), 'safetensors' or 'both'
     **trainer_kwargs,            # see Trainer
@@ -459,10 +296,9 @@ def training_loop(
     """Train; write snapshots, states and logs to `run_dir`. Returns the EMA network."""
     start_time = time.time()
     device = torch.device(device)
-    rank = dist.get_rank()
-    if snapshot_format not in SNAPSHOT_FORMATS:
-        raise ValueError(f'snapshot_format={snapshot_format!r}; choose one of {", ".join(SNAPSHOT_FORMATS)}')
-    if rank == 0:
+    if snapshot_format not in snapshots.SNAPSHOT_FORMATS:
+        raise ValueError(f'snapshot_format={snapshot_format!r}; choose one of {", ".join(snapshots.SNAPSHOT_FORMATS)}')
+    if dist.get_rank() == 0:
         stale = dnnlib.util.remove_stale_temp_files(run_dir)
         if stale:
             print(f'Removed {len(stale)} unfinished temporary files of an interrupted run: {", ".join(stale)}')
@@ -473,122 +309,59 @@ def training_loop(
     dist.print0('Loading dataset and constructing network...')
     trainer = Trainer(device=device, **trainer_kwargs)
     dist.print0(f'Patch sizes: {trainer.schedule.describe()}; images counted per step {trainer.nimg_per_step:g}')
-    if rank == 0:
+    if dist.get_rank() == 0:
         _print_network_summary(trainer)
-    cur_tick = 0
-    if transfer_pkl is not None:
-        copied, missing = transfer_weights(transfer_pkl, trainer.net)
-        misc.copy_params_and_buffers(trainer.net, trainer.ema)
-        dist.print0(f'Transferred {len(copied)} tensors from "{transfer_pkl}"'
-                    + (f'; {len(missing)} not in the source kept their initialisation' if missing else ''))
-    if resume_state is not None:
-        dist.print0(f'Resuming from "{resume_state}"...')
-        state = load_state(resume_state)
-        trainer.load_state_dict(state)
-        cur_tick = int(state['cur_tick'])
-        del state
-    else:
-        trainer.start_data()
-
-    # Logs.
-    stats_jsonl = os.path.join(run_dir, 'stats.jsonl') if rank == 0 else None
-    writer = _tensorboard_writer(run_dir) if (rank == 0 and tensorboard) else None
-    collector = training_stats.Collector(regex='.*', device=device)
-    tick_start_nimg, tick_start_time = trainer.cur_nimg, time.time()
-    maintenance_time = tick_start_time - start_time
-    patch_counts = {}
+    cur_tick = _start(trainer, transfer_pkl, resume_state)
+    outputs = dict(run_dir=run_dir, snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks,
+                   sample_count=sample_count, metrics=metrics, metric_kwargs=metric_kwargs,
+                   snapshot_format=snapshot_format, dataset_kwargs=trainer_kwargs.get('dataset_kwargs') or {},
+                   patch_kwargs=trainer_kwargs.get('patch_kwargs') or {})
+    reporter = _TickReporter(trainer, run_dir, tensorboard, start_time)
     dist.print0(f'Training for {trainer.total_nimg / 1000:g} kimg...')
     dist.print0()
-    exit_step = _test_exit_step(rank)
+    exit_step = _test_exit_step(dist.get_rank())
 
     while True:
         done = trainer.cur_nimg >= trainer.total_nimg
         if not done:
             if trainer.step_count == exit_step:
                 os._exit(1)
-            P = trainer.step()
-            patch_counts[P] = patch_counts.get(P, 0) + 1
+            reporter.count(trainer.step())
             done = trainer.cur_nimg >= trainer.total_nimg
-        cur_nimg = trainer.cur_nimg
-        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+        if not done and cur_tick != 0 and trainer.cur_nimg < reporter.tick_start_nimg + kimg_per_tick * 1000:
             continue
-
-        # Tick: statistics, console line, logs.
-        tick_end_time = time.time()
-        bad_steps = int(dist.all_reduce_sum(torch.tensor([float(trainer.bad_steps)], device=device)).item())
-        training_stats.report0('Progress/tick', cur_tick)
-        training_stats.report0('Progress/kimg', cur_nimg / 1e3)
-        training_stats.report0('Progress/bad_steps', bad_steps)
-        training_stats.report0('Timing/total_sec', tick_end_time - start_time)
-        training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time)
-        training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3)
-        training_stats.report0('Timing/maintenance_sec', maintenance_time)
-        cpu_mem_gb = psutil.Process(os.getpid()).memory_info().rss / 2**30
-        training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
-        if device.type == 'cuda':
-            training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
-            torch.cuda.reset_peak_memory_stats()
-        for P in trainer.schedule.sizes:
-            training_stats.report0(f'Patches/steps_{P}px', patch_counts.get(P, 0))
-        collector.update()
-        stats = collector.as_dict()
-        fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.3f}', f'loss {collector.mean("Loss/loss"):<8.4f}',
-                  f'time {dnnlib.util.format_time(tick_end_time - start_time):<9s}',
-                  f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
-                  f'sec/kimg {collector.mean("Timing/sec_per_kimg"):<8.2f}',
-                  f'maintenance {maintenance_time:<6.1f}', f'cpumem {cpu_mem_gb:<6.2f}']
-        if device.type == 'cuda':
-            fields.append(f'gpumem {collector.mean("Resources/peak_gpu_mem_gb"):<6.2f}')
-        fields.append('patches ' + ' '.join(f'{P}:{patch_counts.get(P, 0)}' for P in trainer.schedule.sizes))
-        if bad_steps:
-            fields.append(f'bad_steps {bad_steps}')
-        dist.print0('  '.join(fields))
-        patch_counts = {}
-        if stats_jsonl is not None:
-            with _writing(stats_jsonl):
-                dnnlib.util.append_line(stats_jsonl, json.dumps(dict(stats, timestamp=time.time())))
-        if writer is not None:
-            for name, value in stats.items():
-                writer.add_scalar(name, value['mean'], global_step=int(cur_nimg / 1e3))
-            writer.flush()
+        bad_steps = reporter.report(cur_tick)
         if bad_steps > max_bad_steps:
             raise FloatingPointError(
                 f'{bad_steps} training steps had non-finite gradients (limit --max-bad-steps={max_bad_steps}), '
                 f'the last at step {trainer.last_bad_step}, tick {cur_tick}. The newest training state in {run_dir} '
                 f'is from before: lower --lr, use --ls with --fp16, and resume from it')
-
-        # Snapshots, sample grids, metrics, training states.
-        kimg_tag = f'{cur_nimg // 1000:06d}'
-        latent = dict(trainer.encoder.info) if trainer.encoder is not None else None   # plain data, never the VAE
-        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
-            def write_snapshot():
-                save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), trainer.ema,
-                              trainer.loss_fn, trainer.augment_pipe, trainer_kwargs.get('dataset_kwargs') or {},
-                              extra=dict(patch_kwargs=dict(trainer_kwargs.get('patch_kwargs') or {}),
-                                         **({'latent': latent} if latent else {})),
-                              snapshot_format=snapshot_format)
-                if sample_count:
-                    _write_samples(trainer.ema, os.path.join(run_dir, f'samples-{kimg_tag}.png'), sample_count,
-                                   device, latent)
-            run_on_rank0(write_snapshot)
-            if metrics:
-                _run_metrics(trainer.ema, metrics, dict(metric_kwargs or {}, latent=latent), run_dir, kimg_tag, device)
-                dist.barrier()
-        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and trainer.step_count > 0:
-            run_on_rank0(lambda: save_state(os.path.join(run_dir, f'training-state-{kimg_tag}.pt'), trainer,
-                                         cur_tick + 1))
-
+        _save_outputs(trainer, cur_tick, done, **outputs)
         cur_tick += 1
-        tick_start_nimg, tick_start_time = cur_nimg, time.time()
-        maintenance_time = tick_start_time - tick_end_time
+        reporter.start_tick()
         if done:
             break
 
-    if writer is not None:
-        writer.close()
+    reporter.close()
     dist.print0()
     dist.print0('Exiting...')
     return trainer.ema
+
+
+def _start(trainer, transfer_pkl, resume_state):
+    """Transfer weights and/or load a training state; start the data. Returns the tick to start at."""
+    if transfer_pkl is not None:
+        copied, missing = snapshots.transfer_weights(transfer_pkl, trainer.net)
+        misc.copy_params_and_buffers(trainer.net, trainer.ema)
+        dist.print0(f'Transferred {len(copied)} tensors from "{transfer_pkl}"'
+                    + (f'; {len(missing)} not in the source kept their initialisation' if missing else ''))
+    if resume_state is None:
+        trainer.start_data()
+        return 0
+    dist.print0(f'Resuming from "{resume_state}"...')
+    state = runs.load_state(resume_state)
+    trainer.load_state_dict(state)
+    return int(state['cur_tick'])
 
 
 def _print_network_summary(trainer):
@@ -602,19 +375,130 @@ def _print_network_summary(trainer):
         misc.print_module_summary(net, [x, sigma, None, labels], max_nesting=2)
 
 
-def _write_samples(ema, path, count, device, latent=None):
-    from training import sampling
-    with _writing(path):
-        sampling.sample_grid(ema, path, seeds=list(range(count)), device=device, latent=latent)
+# ----------------------------------------------------------------------------
+# End of a tick: statistics, console line, stats.jsonl, TensorBoard.
 
 
-def _run_metrics(ema, metrics, metric_kwargs, run_dir, kimg_tag, device):
-    from training import metrics as metrics_lib
-    for metric in metrics:
-        result = metrics_lib.calc_metric_for_network(metric, ema, device=device, **metric_kwargs)
+class _TickReporter:
+    """Collects a tick's statistics and writes them (console on rank 0, stats.jsonl, TensorBoard)."""
+
+    def __init__(self, trainer, run_dir, tensorboard, start_time):
+        self.trainer, self.device, self.start_time = trainer, trainer.device, start_time
+        rank0 = dist.get_rank() == 0
+        self.stats_jsonl = os.path.join(run_dir, 'stats.jsonl') if rank0 else None
+        self.writer = _tensorboard_writer(run_dir) if (rank0 and tensorboard) else None
+        self.collector = training_stats.Collector(regex='.*', device=self.device)
+        self.patch_counts = {}
+        self.tick_start_nimg, self.tick_start_time = trainer.cur_nimg, time.time()
+        self.maintenance_time = self.tick_start_time - start_time
+        self.tick_end_time = self.tick_start_time
+
+    def count(self, patch_size):
+        """Count a step at `patch_size`."""
+        self.patch_counts[patch_size] = self.patch_counts.get(patch_size, 0) + 1
+
+    def report(self, cur_tick):
+        """Report the tick that ends now; returns the bad steps so far over all ranks."""
+        trainer, device = self.trainer, self.device
+        self.tick_end_time = now = time.time()
+        cur_nimg, tick_time = trainer.cur_nimg, now - self.tick_start_time
+        bad_steps = int(dist.all_reduce_sum(torch.tensor([float(trainer.bad_steps)], device=device)).item())
+        training_stats.report0('Progress/tick', cur_tick)
+        training_stats.report0('Progress/kimg', cur_nimg / 1e3)
+        training_stats.report0('Progress/bad_steps', bad_steps)
+        training_stats.report0('Timing/total_sec', now - self.start_time)
+        training_stats.report0('Timing/sec_per_tick', tick_time)
+        training_stats.report0('Timing/sec_per_kimg', tick_time / max(cur_nimg - self.tick_start_nimg, 1) * 1e3)
+        training_stats.report0('Timing/maintenance_sec', self.maintenance_time)
+        cpu_mem_gb = psutil.Process(os.getpid()).memory_info().rss / 2**30
+        training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
+        if device.type == 'cuda':
+            training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
+            torch.cuda.reset_peak_memory_stats()
+        sizes = trainer.schedule.sizes
+        for P in sizes:
+            training_stats.report0(f'Patches/steps_{P}px', self.patch_counts.get(P, 0))
+        self.collector.update()
+        mean = self.collector.mean
+        fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.3f}', f'loss {mean("Loss/loss"):<8.4f}',
+                  f'time {dnnlib.util.format_time(now - self.start_time):<9s}', f'sec/tick {tick_time:<7.1f}',
+                  f'sec/kimg {mean("Timing/sec_per_kimg"):<8.2f}', f'maintenance {self.maintenance_time:<6.1f}',
+                  f'cpumem {cpu_mem_gb:<6.2f}']
+        if device.type == 'cuda':
+            fields.append(f'gpumem {mean("Resources/peak_gpu_mem_gb"):<6.2f}')
+        fields.append('patches ' + ' '.join(f'{P}:{self.patch_counts.get(P, 0)}' for P in sizes))
+        if bad_steps:
+            fields.append(f'bad_steps {bad_steps}')
+        dist.print0('  '.join(fields))
+        self.patch_counts = {}
+        self._write_stats(self.collector.as_dict(), cur_nimg)
+        return bad_steps
+
+    def _write_stats(self, stats, cur_nimg):
+        if self.stats_jsonl is not None:
+            with runs.writing(self.stats_jsonl):
+                dnnlib.util.append_line(self.stats_jsonl, json.dumps(dict(stats, timestamp=time.time())))
+        if self.writer is not None:
+            for name, value in stats.items():
+                self.writer.add_scalar(name, value['mean'], global_step=int(cur_nimg / 1e3))
+            self.writer.flush()
+
+    def start_tick(self):
+        """Start timing the next tick (the time since the report is maintenance)."""
+        self.tick_start_nimg, self.tick_start_time = self.trainer.cur_nimg, time.time()
+        self.maintenance_time = self.tick_start_time - self.tick_end_time
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(run_dir):
+    """A TensorBoard SummaryWriter for run_dir, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter   # optional dependency
+    except ImportError:
+        return None
+    return SummaryWriter(run_dir)
+
+
+# ----------------------------------------------------------------------------
+# End of a tick: snapshots, sample grids, metrics, training states.
+
+
+def _save_outputs(trainer, cur_tick, done, run_dir, snapshot_ticks, state_dump_ticks, sample_count, metrics,
+                  metric_kwargs, snapshot_format, dataset_kwargs, patch_kwargs):
+    """Write what is due at the end of tick `cur_tick` (everything at the last one)."""
+    kimg_tag = f'{trainer.cur_nimg // 1000:06d}'
+    latent = dict(trainer.encoder.info) if trainer.encoder is not None else None   # plain data, never the VAE
+    if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
+        def write_snapshot():
+            path = os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl')
+            extra = dict(patch_kwargs=dict(patch_kwargs), **({'latent': latent} if latent else {}))
+            with runs.writing(path if snapshot_format != 'safetensors' else os.path.splitext(path)[0] + '.safetensors'):
+                snapshots.save_snapshot(path, trainer.ema, trainer.loss_fn, trainer.augment_pipe, dataset_kwargs,
+                                        extra=extra, snapshot_format=snapshot_format)
+            if sample_count:
+                grid_path = os.path.join(run_dir, f'samples-{kimg_tag}.png')
+                with runs.writing(grid_path):
+                    generation.sample_grid(trainer.ema, grid_path, seeds=list(range(sample_count)),
+                                           device=trainer.device, latent=latent)
+        dist.run_on_rank0(write_snapshot)
+        if metrics:
+            _run_metrics(trainer.ema, metrics, dict(metric_kwargs or {}, latent=latent), run_dir, kimg_tag,
+                         trainer.device)
+            dist.barrier()
+    if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and trainer.step_count > 0:
+        path = os.path.join(run_dir, f'training-state-{kimg_tag}.pt')
+        dist.run_on_rank0(lambda: runs.save_state(path, dict(trainer.state_dict(), cur_tick=cur_tick + 1)))
+
+
+def _run_metrics(ema, metric_names, metric_kwargs, run_dir, kimg_tag, device):
+    for metric in metric_names:
+        result = calc_metric_for_network(metric, ema, device=device, **metric_kwargs)
         if dist.get_rank() == 0:
             line = json.dumps(dict(metric=metric, results=result, snapshot_kimg=int(kimg_tag), timestamp=time.time()))
             path = os.path.join(run_dir, f'metric-{metric}.jsonl')
-            with _writing(path):
+            with runs.writing(path):
                 dnnlib.util.append_line(path, line)
             dist.print0(f'{metric}: {result}')

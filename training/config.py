@@ -1,0 +1,133 @@
+"""Training options: the one builder of the resolved options (what a run's
+training_options.json holds) from the values of train.py's flags. train.py
+and the benchmarks build their runs with it; the Trainer then checks what
+the options mean for the data (docs/DESIGN.md section 3).
+
+    c = build_config(dict(data='datasets/x.zip', arch='ddpmpp', batch=64), dataset)
+    training_loop(**c)                  # or Trainer(**trainer_kwargs(c))
+"""
+
+import dnnlib
+from training import augment, networks
+from training.dataset import dataset_class_name
+
+# train.py's flags and their defaults (EDM's, plus the Patch Diffusion ones).
+DEFAULTS = dnnlib.EasyDict(
+    data=None, cond=False, arch='ddpmpp', precond='edm',
+    real_p=0.5, train_on_latents=False, vae=None, scale_factor=None, progressive=False, implicit_mlp=False,
+    pos_freqs=0,
+    duration=200, batch=512, batch_gpu=None, cbase=None, cres=None, blocks=None, attn=None, lr=10e-4,
+    P_mean=None, P_std=None, lr_rampup=10000, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
+    label_dropout=0, max_size=None,
+    fp16=False, bf16=False, channels_last=False, compile=False, ls=1, bench=True, cache=True, workers=1,
+    device='cpu', max_bad_steps=20,
+    tick=50, snap=50, dump=500, snapshot_format='pkl', samples=16, metrics=None, metric_ref=None,
+    metric_num=50000, seed=0, transfer=None,
+)
+
+# Keys of the resolved options that the Trainer takes (the rest are the training loop's).
+TRAINER_KEYS = ('dataset_kwargs', 'data_loader_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs',
+                'augment_kwargs', 'patch_kwargs', 'latent_kwargs', 'performance_kwargs', 'seed', 'batch_size',
+                'batch_gpu', 'total_kimg', 'ema_halflife_kimg', 'ema_rampup_ratio', 'lr_rampup_kimg',
+                'loss_scaling')
+
+
+def build_config(options, dataset):
+    """The resolved training options of train.py's flag values.
+
+    options: {flag name: value} (underscored names as in DEFAULTS; missing
+    ones take the default); dataset: the opened dataset of options['data']
+    (its resolution, size and kind go into the options), or an in-memory
+    dataset for the benchmarks (options['data'] None). ValueError for
+    combinations of flags that cannot work together.
+    """
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f'Unknown training option(s): {", ".join(unknown)}')
+    opts = dnnlib.EasyDict(DEFAULTS, **options)
+    _check_flags(opts, dataset)
+    latent = bool(opts.train_on_latents or dataset.is_latent)
+
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = None
+    if opts.data is not None:
+        c.dataset_kwargs = dnnlib.EasyDict(class_name=dataset_class_name(opts.data), path=opts.data,
+                                           use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache,
+                                           resolution=dataset.resolution,
+                                           max_size=len(dataset) // (2 if opts.xflip else 1), random_seed=0)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=str(opts.device).startswith('cuda'),
+                                           num_workers=opts.workers,
+                                           prefetch_factor=2 if opts.workers > 0 else None,
+                                           persistent_workers=opts.workers > 0)
+    c.network_kwargs = network_kwargs(opts)
+    c.loss_kwargs = dnnlib.EasyDict(loss=opts.precond)
+    c.loss_kwargs.update({k: opts[k] for k in ('P_mean', 'P_std') if opts[k] is not None})
+    c.optimizer_kwargs = dnnlib.EasyDict(lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.augment_kwargs = None
+    if opts.augment:
+        c.augment_kwargs = dnnlib.EasyDict(p=opts.augment, **augment.EDM_AUGMENT_KWARGS)
+        c.network_kwargs.augment_dim = augment.AugmentPipe(**c.augment_kwargs).label_dim
+    c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, progressive=opts.progressive)
+    c.latent_kwargs = None
+    if latent:   # a pre-encoded archive records its VAE; raw images are encoded with these
+        c.latent_kwargs = dnnlib.EasyDict(vae=opts.vae, scale_factor=opts.scale_factor)
+    c.performance_kwargs = dnnlib.EasyDict(precision='bf16' if opts.bf16 else 'fp32',
+                                           channels_last=opts.channels_last,
+                                           compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None)
+    c.update(seed=opts.seed, batch_size=opts.batch, batch_gpu=opts.batch_gpu,
+             total_kimg=max(opts.duration * 1000, 1e-3), ema_halflife_kimg=opts.ema * 1000,
+             ema_rampup_ratio=None if opts.transfer else 0.05, lr_rampup_kimg=opts.lr_rampup,
+             loss_scaling=opts.ls, cudnn_benchmark=opts.bench, kimg_per_tick=opts.tick,
+             snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, max_bad_steps=opts.max_bad_steps,
+             sample_count=opts.samples, device=str(opts.device), snapshot_format=opts.snapshot_format)
+    if opts.metrics:
+        c.metrics = [opts.metrics]
+        c.metric_kwargs = dnnlib.EasyDict(ref=opts.metric_ref, num=opts.metric_num)
+    if opts.transfer:
+        c.transfer_pkl = opts.transfer
+    return c
+
+
+def network_kwargs(opts):
+    """The network's resolved options: the --arch's defaults, then --cbase, --cres, ... ."""
+    kwargs = dnnlib.EasyDict(precond=opts.precond, **networks.ARCHITECTURES[opts.arch])
+    for flag, key in (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('blocks', 'num_blocks'),
+                      ('attn', 'attn_resolutions')):
+        if opts[flag] is not None:
+            kwargs[key] = opts[flag]
+    kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_pos=True, pos_freqs=opts.pos_freqs,
+                  implicit_mlp=opts.implicit_mlp)
+    if opts.label_dropout:
+        kwargs.label_dropout = opts.label_dropout
+    return kwargs
+
+
+def trainer_kwargs(c):
+    """The entries of resolved options `c` that training_loop.Trainer takes."""
+    return {key: c[key] for key in TRAINER_KEYS if key in c}
+
+
+def run_description(opts, dataset, world_size):
+    """The <desc> of the run folder NNNNN-<desc>, as EDM names it (opts: flag values, plus 'desc')."""
+    opts = dnnlib.EasyDict(DEFAULTS, **opts)
+    precision = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
+    desc = (f'{dataset.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
+            f'-batch{opts.batch}-{precision}-realp{opts.real_p:g}')
+    return f'{desc}-{opts.desc}' if opts.get('desc') else desc
+
+
+def _check_flags(opts, dataset):
+    """ValueError for flags that contradict each other or the dataset's kind."""
+    if opts.fp16 and opts.bf16:
+        raise ValueError('--fp16 and --bf16 are exclusive: pick one')
+    if opts.metrics and not opts.metric_ref:
+        raise ValueError('--metrics=fid needs --metric-ref=NPZ|URL (reference statistics from fid.py ref)')
+    if opts.label_dropout and not opts.cond:
+        raise ValueError('--label-dropout needs a conditional model (--cond=1)')
+    if (opts.P_mean is not None or opts.P_std is not None) and opts.precond != 'edm':
+        raise ValueError('--P_mean and --P_std set the noise levels of --precond=edm only')
+    if opts.augment and (opts.train_on_latents or dataset.is_latent):
+        raise ValueError('--augment works on pixels; use --augment=0 with latents')
+    if dataset.is_latent and (opts.vae or opts.scale_factor):
+        raise ValueError(f'--vae and --scale_factor are for raw images; {opts.data} was encoded with '
+                         f'{dataset.vae} (scale factor {dataset.scale_factor})')
