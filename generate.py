@@ -1,7 +1,8 @@
 """Generate images with a trained network: ours, EDM's or the official Patch
 Diffusion's network pickles, or our .safetensors snapshots
 (docs/DESIGN.md sections 1 and 4). Samples of latent models are decoded to
-pixels with their VAE.
+pixels with their VAE. A sample can cover any square of the network's
+coordinate frame, or a canvas larger than it (section 2).
 
     python generate.py --outdir=out --seeds=0-63 --network=network-snapshot-000100.pkl
     python generate.py convert --network=net.pkl --dest=net.safetensors
@@ -35,7 +36,12 @@ def cli():
 @click.option('--class', 'class_idx', help='Class index for every image  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Most images per batch (per process)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--cfg', help='Classifier-free guidance weight (1 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True)
-@click.option('--resolution', help='Resolution, for pickles that do not record it', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--image_size', '--image-size', 'image_size', help='Side S of the square to sample, in the network\'s pixels (for latent models latent pixels: the decoded images are 8 S wide with the usual VAE)  [default: --resolution]', metavar='INT', type=int, default=None)
+@click.option('--x_start', '--x-start', 'x_start', help='Frame column of the square\'s left edge: its columns x_start .. x_start+S-1 get x = (column / (resolution - 1) - 0.5) * 2, past 1 beyond the frame', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--y_start', '--y-start', 'y_start', help='Frame row of the square\'s top edge: its rows y_start .. y_start+S-1 get y = (row / (resolution - 1) - 0.5) * 2', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--resolution', help='Side of the square coordinate frame the columns and rows count in (x = -1 at column 0, 1 at column resolution-1); a network without coordinates takes only its own  [default: the network\'s resolution; required if it records none]', metavar='INT', type=int, default=None)
+@click.option('--mask_pos', help='Official flag, checked: call the network without coordinates; allowed only for networks that take none, so it changes nothing', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--embed_fq', help='Official flag, checked: coordinates embedded as sin/cos at this many frequencies (0 = the plain grid); must match the network\'s channels, which tell it already  [default: detected]', metavar='INT', type=int, default=None)
 @click.option('--grid', help='Also write all images as one grid, outdir/grid.png', is_flag=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 @click.option('--on_latents', help='The network makes VAE latents  [default: as the pickle records; official latent pickles need 1]', metavar='BOOL', type=bool, default=None)
@@ -57,8 +63,8 @@ def cli():
 @click.option('--scaling', help='Ablation: signal scaling s(t)', metavar='vp|none', type=click.Choice(samplers.SCALINGS))
 @dnnlib.util.debug_option
 @dnnlib.util.cli_errors
-def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, resolution, grid, device,
-             on_latents, vae, scale_factor, **sampler_kwargs):
+def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, image_size, x_start, y_start,
+             resolution, mask_pos, embed_fq, grid, device, on_latents, vae, scale_factor, **sampler_kwargs):
     """Generate images with the EDM sampler, or the ablation sampler when any
     of --solver, --disc, --schedule, --scaling is given.
 
@@ -71,6 +77,11 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
     \b
     # 50,000 images on 2 GPUs, 1000 per folder
     torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-49999 --subdirs --network=net.pkl
+
+    \b
+    # The 48x48 bottom-right corner of a 64x64 model's images, and a 128x128 canvas beyond them
+    python generate.py --outdir=out --seeds=0-63 --image_size=48 --x_start=16 --y_start=16 --network=net.pkl
+    python generate.py --outdir=out --seeds=0-63 --image_size=128 --resolution=64 --network=net.pkl
 
     \b
     # An official Patch Diffusion latent model (ours record their VAE in the pickle)
@@ -94,8 +105,11 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
     # Rank 0 loads first (and fills the download cache), the other ranks after it.
     dist.print0(f'Loading network from "{network_pkl}"...')
     net, latent = dist.rank0_first(lambda: load(network_pkl, device, on_latents, vae, scale_factor))
+    for note in denoiser.check_official_flags(net, mask_pos, embed_fq):
+        dist.print0(note)
     batches = generation.generate_images(net, seeds, batch_size=max_batch_size, class_idx=class_idx, cfg=cfg,
-                                         device=device, resolution=resolution, latent=latent, **sampler_kwargs)
+                                         device=device, resolution=resolution, image_size=image_size,
+                                         x_start=x_start, y_start=y_start, latent=latent, **sampler_kwargs)
 
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
     num_batches = len(generation.rank_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()))

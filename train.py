@@ -22,7 +22,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import config, metrics, networks, runs, snapshots
+from training import config, latents, metrics, networks, runs, snapshots
 from training.dataset import dataset_class_name, open_dataset
 from training.training_loop import training_loop
 
@@ -37,12 +37,13 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--data', help='Path to the dataset (zip or folder from dataset_tool.py)', metavar='ZIP|DIR', type=str, required=True)
 @click.option('--cond', help='Train a class-conditional model', metavar='BOOL', type=bool, default=D.cond, show_default=True)
 @click.option('--arch', help='Network architecture', type=click.Choice(sorted(networks.ARCHITECTURES)), default=D.arch, show_default=True)
-@click.option('--precond', help='Preconditioning and loss', type=click.Choice(sorted(networks.PRECONDITIONERS)), default=D.precond, show_default=True)
+@click.option('--precond', help='Preconditioning and loss (pedm, the official default, is edm with coordinates: the same here)', type=click.Choice(list(config.PRECONDS)), default=D.precond, show_default=True)
+@click.option('--use_pos', '--use-pos', 'use_pos', help='Coordinate channels (0: a network shaped as EDM\'s; with --real_p=1, plain EDM training)', metavar='BOOL', type=bool, default=D.use_pos, show_default=True)
 # Patch options.
 @click.option('--real_p', '--real-p', 'real_p', help='Share of full-size steps (1 = plain EDM)', metavar='FLOAT', type=click.FloatRange(0, 1), default=D.real_p, show_default=True)
 @click.option('--train_on_latents', '--train-on-latents', 'train_on_latents', help='Train on Stable Diffusion VAE latents', metavar='BOOL', type=bool, default=D.train_on_latents, show_default=True)
 @click.option('--vae', help='VAE for --train_on_latents on raw images  [default: stabilityai/sd-vae-ft-ema]', metavar='ID|DIR', type=str)
-@click.option('--scale_factor', '--scale-factor', 'scale_factor', help='Latent scale factor for --train_on_latents on raw images  [default: 0.18215]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--scale_factor', '--scale-factor', 'scale_factor', help=f'Latent scale factor for --train_on_latents on raw images  [default: {latents.DEFAULT_SCALE_FACTOR}]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--progressive', help='Patch sizes in increasing order instead of random', metavar='BOOL', type=bool, default=D.progressive, show_default=True)
 @click.option('--implicit_mlp', '--implicit-mlp', 'implicit_mlp', help='1x1-conv MLP on the input and coordinates', metavar='BOOL', type=bool, default=D.implicit_mlp, show_default=True)
 @click.option('--pos_freqs', '--pos-freqs', 'pos_freqs', help='Sin/cos frequencies added to the coordinate channels', metavar='INT', type=click.IntRange(min=0), default=D.pos_freqs, show_default=True)
@@ -50,13 +51,13 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=D.duration, show_default=True)
 @click.option('--batch', help='Total batch size (full images per step)', metavar='INT', type=click.IntRange(min=1), default=D.batch, show_default=True)
 @click.option('--batch-gpu', '--batch_gpu', 'batch_gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=dnnlib.util.IntList())
+@click.option('--cbase', help='Channels of the first resolution (the base the --cres multipliers scale)  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cres', help='Channel multiplier per resolution, e.g. 1,2,2,2  [default: varies]', metavar='LIST', type=dnnlib.util.IntList())
 @click.option('--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--attn', help='Resolutions with self-attention, e.g. 16 or 32,16 or none  [default: varies]', metavar='LIST', type=dnnlib.util.IntList())
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=D.lr, show_default=True)
-@click.option('--P_mean', 'P_mean', help='EDM loss: mean of ln(sigma)  [default: -1.2]', metavar='FLOAT', type=float)
-@click.option('--P_std', 'P_std', help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--P_mean', '--P-mean', 'P_mean', help='EDM loss: mean of ln(sigma)  [default: -1.2]', metavar='FLOAT', type=float)
+@click.option('--P_std', '--P-std', 'P_std', help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--lr-rampup', '--lr_rampup', 'lr_rampup', help='Learning-rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0), default=D.lr_rampup, show_default=True)
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=D.ema, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=D.dropout, show_default=True)
@@ -65,16 +66,16 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--label-dropout', '--label_dropout', 'label_dropout', help='Drop class labels with this probability (for --cfg at sampling)', metavar='FLOAT', type=click.FloatRange(0, 1), default=D.label_dropout, show_default=True)
 @click.option('--max-size', '--max_size', 'max_size', help='Train on a random subset of N images', metavar='INT', type=click.IntRange(min=1))
 # Performance-related.
-@click.option('--fp16', help='Run the network in fp16 (CUDA)', metavar='BOOL', type=bool, default=D.fp16, show_default=True)
-@click.option('--bf16', help='bf16 autocast (CUDA)', metavar='BOOL', type=bool, default=D.bf16, show_default=True)
-@click.option('--channels-last', '--channels_last', 'channels_last', help='Network weights and inputs in channels-last memory format (faster convolutions on recent GPUs)', metavar='BOOL', type=bool, default=D.channels_last, show_default=True)
+@click.option('--fp16', help='Run the network in fp16 (CUDA; on CPU it runs in fp32 and says so)', metavar='BOOL', type=bool, default=D.fp16, show_default=True)
+@click.option('--bf16', help='bf16 autocast (CUDA and CPU)', metavar='BOOL', type=bool, default=D.bf16, show_default=True)
+@click.option('--channels-last', '--channels_last', 'channels_last', help='Network weights and activations in channels-last memory format (measured faster on CPU for the demo network; see docs/PERFORMANCE.md)', metavar='BOOL', type=bool, default=D.channels_last, show_default=True)
 @click.option('--compile', help='torch.compile the network: one graph per patch shape, compiled at its first step (CUDA; minutes per shape on CPU)', metavar='BOOL', type=bool, default=D.compile, show_default=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=D.ls, show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=D.bench, show_default=True)
 @click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=D.cache, show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=D.workers, show_default=True)
 @click.option('--device', help='cuda, cuda:N or cpu  [default: cuda if available]', metavar='STR', type=str)
-@click.option('--max-bad-steps', 'max_bad_steps', help='Stop after this many steps with non-finite gradients', metavar='INT', type=click.IntRange(min=0), default=D.max_bad_steps, show_default=True)
+@click.option('--max-bad-steps', 'max_bad_steps', help='Stop at the end of a tick once more than N steps had non-finite gradients (they are skipped)', metavar='INT', type=click.IntRange(min=0), default=D.max_bad_steps, show_default=True)
 # I/O-related.
 @click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
@@ -147,16 +148,16 @@ def train(opts, device):
     c = config.build_config(opts, dataset)
 
     # Where to write, and whether to resume.
-    resumed = None
+    resumed, note = None, None
     if cli.resume:
         if not os.path.isfile(cli.resume):
             raise ValueError(f'--resume: no such file {cli.resume}')
         c.resume_state = cli.resume
-    elif not cli.dry_run:
-        resumed = dist.broadcast_object(runs.find_resumable_run(cli.outdir, c, seed_given, cli.nosubdir)
-                                        if dist.get_rank() == 0 else None)
+    else:   # a dry run looks too: it shows what the command would do
+        resumed, note = dist.broadcast_object(runs.find_resumable_run(cli.outdir, c, seed_given, cli.nosubdir)
+                                              if dist.get_rank() == 0 else None)
     if resumed is not None:
-        c.run_dir, c.resume_state, c.seed = resumed
+        c.run_dir, c.resume_state, c.seed = resumed.run_dir, resumed.state, resumed.seed
     elif cli.nosubdir:
         c.run_dir = cli.outdir
     else:
@@ -164,17 +165,25 @@ def train(opts, device):
         c.run_dir = dist.broadcast_object(runs.next_run_dir(cli.outdir, desc) if dist.get_rank() == 0 else None)
 
     print_options(c, opts, device)
-    if cli.dry_run:
-        dist.print0('Dry run; exiting.')
-        return
-    if resumed is not None and c.resume_state is not None:
+    if note is not None:
+        dist.print0(f'Note: {note}; starting a new run.')
+    if resumed is not None and resumed.state is not None:
         dist.print0(f'Resuming run {c.run_dir} from {c.resume_state} (same command, same --outdir).')
     elif resumed is not None:
         dist.print0(f'Restarting run {c.run_dir} from the beginning: it has no training state yet.')
+    if resumed is not None and resumed.changed:
+        dist.print0(f'Continuing with changed options: {runs.describe_differences(resumed.changed)}.')
+    if cli.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
 
     check_input_files(opts, cli.resume)
     new_folders = [d for d in dict.fromkeys([c.run_dir, cli.outdir]) if not os.path.isdir(d)]
-    logger = dist.run_on_rank0(lambda: runs.prepare_run_dir(c, write_options=resumed is None))
+    write_options = resumed is None or bool(resumed.changed)
+    logger = dist.run_on_rank0(lambda: runs.prepare_run_dir(c, write_options))
+    if opts.fp16 and not config.fp16_applies(device):
+        dist.print0(f'Note: --fp16=1 has no effect on {device}: the network runs in fp32 there (--bf16=1 is '
+                    f'reduced precision on CPU too).')
     failed = True
     try:
         training_loop(**c)

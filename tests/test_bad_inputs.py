@@ -231,6 +231,8 @@ CASES = {
     'tr-wrong-channels': (lambda tmp, good: tr(tmp, dataset_zip(tmp, [rgb(0, 32), GRAY] * 4)), 'differs from the first'),
     'tr-unlabelled-cond': (lambda tmp, good: tr(tmp, dataset_zip(tmp, [rgb(0, 32)]), '--cond=1'), 'no labels'),
     'tr-bad-cres': (lambda tmp, good: tr(tmp, good.dataset, '--cres=1,two'), 'Cannot parse'),
+    'tr-vae-without-latents': (lambda tmp, good: tr(tmp, good.dataset, '--vae=some/vae'), 'apply to latent training'),
+    'tr-pos-freqs-without-pos': (lambda tmp, good: tr(tmp, good.dataset, '--use_pos=0', '--pos-freqs=2'), '--use_pos=0'),
     'tr-batch-gpu': (lambda tmp, good: tr(tmp, good.dataset, '--batch-gpu=3'), 'divisible by --batch-gpu=3'),
     'tr-truncated-resume': (lambda tmp, good: tr(tmp, good.dataset, f'--resume={truncated_copy(good.state, tmp / "s.pt")}'),
                             'not a complete torch.save archive'),

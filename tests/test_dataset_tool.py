@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 import dataset_tool
 from training import demo_data
-from training.archive import TRANSFORMS, archive_name, center_crop, center_crop_wide
+from training.archive import TRANSFORMS, archive_name, center_crop, center_crop_wide, convert_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -578,3 +578,16 @@ def test_unknown_sources_are_clear_errors(tmp_path):
     assert_user_error(run_tool('--source=demo:faces', f'--dest={dest}'), str(dest), 'unknown demo source')
     (tmp_path / 'a.csv').write_text('1,2')
     assert_user_error(run_tool(f'--source={tmp_path / "a.csv"}', f'--dest={dest}'), str(dest), 'unknown kind')
+
+
+def test_folder_order_is_edms(tmp_path):
+    """A folder's images are numbered in EDM's order (path components compared one by one)."""
+    src = tmp_path / 'src'
+    for name, value in (('a/b.png', 10), ('a-c.png', 20), ('a.png', 30)):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(np.full([8, 8], value, dtype=np.uint8)).save(src / name)
+    dest = tmp_path / 'out.zip'
+    convert_dataset(str(src), str(dest))
+    with zipfile.ZipFile(dest) as z:
+        firsts = [int(np.asarray(PIL.Image.open(z.open(archive_name(i))))[0, 0]) for i in range(3)]
+    assert firsts == [10, 20, 30]

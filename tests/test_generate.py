@@ -1,5 +1,6 @@
 """Tests of generate.py: output files, subfolders, grid, ablation flags, one
-process against two under torchrun, and one-line errors for bad input."""
+process against two under torchrun, regions of the coordinate frame and the
+official --mask_pos/--embed_fq, and one-line errors for bad input."""
 
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from click.testing import CliRunner
 
 import dnnlib
 import generate
-from training import generation, image_io, networks, snapshots
+import test_latents
+from training import denoiser, generation, image_io, latents, networks, samplers, snapshots
 
 FIXTURES = 'tests/fixtures'
 
@@ -94,6 +96,60 @@ def test_one_process_equals_two_under_torchrun(foreign_pickles, tmp_path, subpro
         assert one[name][0] == two[name][0] and np.array_equal(one[name][1], two[name][1]), name
 
 
+def test_region_flags_write_what_generate_images_returns(foreign_pickles, tmp_path):
+    """--image_size, --x_start, --y_start, --resolution (underscores or dashes) reach generate_images."""
+    net, _ = snapshots.load_network(foreign_pickles / 'official_embed.pkl')
+    for flags in (['--image_size=4', '--x_start=10', '--y_start=3', '--resolution=16'],
+                  ['--image-size=16', '--x-start=2', '--y-start=5', '--resolution=8']):
+        outdir = tmp_path / flags[0]
+        result = _run(f'--network={foreign_pickles / "official_embed.pkl"}', f'--outdir={outdir}', '--seeds=0-2',
+                      '--steps=3', '--S_churn=5', *flags)
+        assert result.exit_code == 0, result.output
+        region = {flag.split('=')[0].lstrip('-').replace('-', '_'): int(flag.split('=')[1]) for flag in flags}
+        expected = torch.cat([images for _, images in generation.generate_images(
+            net, [0, 1, 2], num_steps=3, S_churn=5, **region)])
+        assert expected.shape[-1] == region['image_size']
+        for seed in range(3):
+            assert np.array_equal(_pixels(outdir / f'{seed:06d}.png')[1], expected[seed].permute(1, 2, 0).numpy())
+
+
+def test_official_flags_are_checked_and_said(foreign_pickles, tmp_path):
+    """--mask_pos=1 on a network without coordinates and a matching --embed_fq change nothing, and say so."""
+    for name, flags in (('official_nopos.pkl', ['--mask_pos=1', '--embed_fq=0']),
+                        ('official_embed.pkl', ['--embed_fq=2']), ('edm_cond.pkl', ['--mask_pos=1'])):
+        args = [f'--network={foreign_pickles / name}', '--seeds=0-1', '--steps=3']
+        plain = _run(*args, f'--outdir={tmp_path / name / "plain"}')
+        flagged = _run(*args, f'--outdir={tmp_path / name / "flagged"}', *flags)
+        assert plain.exit_code == 0 and flagged.exit_code == 0, flagged.output
+        notes = [line for line in flagged.output.splitlines() if line.startswith('--')]
+        assert [note.split(':')[0] for note in notes] == flags, flagged.output
+        plain_images, flagged_images = _outputs(tmp_path / name / 'plain'), _outputs(tmp_path / name / 'flagged')
+        assert sorted(plain_images) == sorted(flagged_images) == ['000000.png', '000001.png']
+        assert all(np.array_equal(plain_images[png][1], flagged_images[png][1]) for png in plain_images)
+
+
+def test_a_latent_region_is_in_latent_pixels(tmp_path):
+    """Region flags count latent pixels; the decoded images are the VAE's factor (2 here) times larger."""
+    vae_dir = str(tmp_path / 'vae')
+    test_latents._tiny_vae().save_pretrained(vae_dir)
+    net = test_latents._latent_net()
+    latent = latents.latent_info(vae_dir, test_latents.SCALE, test_latents.RES, 4, test_latents.LATENT_RES)
+    snapshot = test_latents._write_snapshot(tmp_path / 'latent.pkl', net, dict(latent))
+    vae = latents.load_vae(vae_dir)
+    for size, x_start, y_start in ((4, 2, 4), (12, 0, 0)):
+        outdir = tmp_path / f'out{size}'
+        result = _run(f'--network={snapshot}', f'--outdir={outdir}', '--seeds=0-1', '--steps=2',
+                      f'--image_size={size}', f'--x_start={x_start}', f'--y_start={y_start}')
+        assert result.exit_code == 0, result.output
+        rnd = generation.StackedRandomGenerator('cpu', [0, 1])
+        region = dnnlib.EasyDict(top=y_start, left=x_start, frame=test_latents.LATENT_RES)
+        samples = samplers.edm_sampler(denoiser.make_denoiser(net, region=region), rnd.randn([2, 4, size, size]),
+                                       rnd.randn_like, num_steps=2)
+        expected = latents.decode_latents(vae, samples, test_latents.SCALE)
+        assert expected.shape == (2, 3, 2 * size, 2 * size)
+        assert torch.equal(test_latents._pngs(outdir, [0, 1]), expected)
+
+
 def _assert_one_line_error(result, match):
     assert result.exit_code == 1, result.output
     assert 'Traceback' not in result.output
@@ -121,6 +177,29 @@ def test_bad_inputs_give_one_line_errors(foreign_pickles, tmp_path, monkeypatch)
     for (network, *flags), match in cases:
         result = _run(f'--network={network}', f'--outdir={tmp_path / "out"}', *flags)
         _assert_one_line_error(result, match)
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('network, flags, match', [
+    ('official', '--image_size=0', '--image_size=0 must be a positive integer'),
+    ('official', '--x-start=-1', '--x_start=-1 must be a non-negative integer'),
+    ('official', '--y_start=-2', '--y_start=-2 must be a non-negative integer'),
+    ('official', '--resolution=1', 'needs 2 pixels or more'),
+    ('edm_cond', '--x_start=2', 'takes no coordinates'),
+    ('edm_cond', '--resolution=16 --image_size=16', 'contradicts'),
+    ('unet', '--image_size=7', 'multiple of 2, such as 6 or 8'),
+    ('official', '--mask_pos=1', 'without the coordinate channels it takes'),
+    ('official_embed', '--embed_fq=1', 'contradicts the network, which takes their sin/cos embedding at 2'),
+    ('edm_cond', '--embed_fq=1', 'which takes no coordinates'),
+])
+def test_bad_regions_and_official_flags_give_one_line_errors(foreign_pickles, tmp_path, network, flags, match):
+    if network == 'unet':   # halves its input once: sides must be even
+        snapshots.save_snapshot(str(tmp_path / 'unet.pkl'), networks.build_network(dict(
+            precond='edm', model_type='SongUNet', model_channels=8, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[], use_pos=True, dropout=0), 8, 3, 0), None, None, {})
+    folder = tmp_path if network == 'unet' else foreign_pickles
+    result = _run(f'--network={folder / network}.pkl', f'--outdir={tmp_path / "out"}', *flags.split())
+    _assert_one_line_error(result, match)
     assert not (tmp_path / 'out').exists()
 
 

@@ -75,6 +75,7 @@ def test_official_lsun_command_scaled_down_on_a_pre_encoded_dataset(tmp_path, la
     assert options['latent_kwargs'] is not None
     log = open(os.path.join(run_dir, 'log.txt')).read()
     assert 'patches 8:' in log and '16:' in log          # latent sizes {R/2, R} at R = 16
+    assert 'Note: --fp16=1 has no effect on cpu' in log and '-fp32-' in os.path.basename(run_dir)   # says what ran
     path, data = _snapshot(run_dir)
     assert data['latent']['vae'] == vae_dir and data['latent']['latent_resolution'] == 16
     assert data['ema'].img_channels == 4 and data['ema'].img_resolution == 16

@@ -42,14 +42,31 @@ def inputs(n=2, size=R, seed=0):
     return x, sigma
 
 
+def coordinate_naive(index, resolution):
+    """(index / (R - 1) - 0.5) * 2, each operation in float32 as the official Patch Diffusion code computes it."""
+    f32 = np.float32
+    return (f32(index) / f32(resolution - 1) - f32(0.5)) * f32(2)
+
+
 def full_grid_naive(resolution):
     """[1, 2, R, R] coordinate grid from docs/DESIGN.md section 2, by a loop over pixels."""
     grid = torch.zeros([1, 2, resolution, resolution])
     for row in range(resolution):
         for col in range(resolution):
-            grid[0, 0, row, col] = (col / (resolution - 1) - 0.5) * 2
-            grid[0, 1, row, col] = (row / (resolution - 1) - 0.5) * 2
+            grid[0, 0, row, col] = float(coordinate_naive(col, resolution))
+            grid[0, 1, row, col] = float(coordinate_naive(row, resolution))
     return grid
+
+
+def test_grid_uses_the_official_float32_arithmetic():
+    """Bit for bit the official code's (idx / (R - 1) - 0.5) * 2 in float32 (not float64 rounded once:
+    at R = 64 half the values would differ in the last bit)."""
+    for resolution in (16, 63, 64, 256):
+        idx = torch.arange(resolution)
+        official = (idx / (resolution - 1) - 0.5) * 2.
+        assert torch.equal(networks.full_grid(resolution)[0, 0, 0], official)
+        assert torch.equal(networks.full_grid(resolution)[0, 1, :, 0], official)
+    assert torch.equal(networks.full_grid(64), full_grid_naive(64))
 
 
 class RecordingUNet(torch.nn.Module):
@@ -392,3 +409,28 @@ def test_outputs_match_edm_reference(precond, arch):
     samples, total = EDM_REFERENCE_OUTPUTS[(precond, arch)]
     torch.testing.assert_close(D_x.flatten()[::41], torch.tensor(samples), rtol=0, atol=2e-4)
     assert D_x.double().sum().item() == pytest.approx(total, rel=1e-4, abs=1e-3)
+
+
+def test_fused_upsampling_keeps_the_size_and_equals_the_separate_passes():
+    """Conv2d(up=True, fused_resample=True): 8 -> 16 for a 3x3 kernel with the
+    [1, 1] and the [1, 3, 3, 1] filters (EDM's padding split), and away from the
+    border the values of upsampling, then convolving (the border pads differently)."""
+    x = torch.randn([2, 3, 8, 8], generator=torch.Generator().manual_seed(0))
+    for resample_filter in ([1, 1], [1, 3, 3, 1]):
+        torch.manual_seed(0)
+        fused = networks.Conv2d(3, 5, kernel=3, up=True, resample_filter=resample_filter, fused_resample=True)
+        torch.manual_seed(0)
+        separate = networks.Conv2d(3, 5, kernel=3, up=True, resample_filter=resample_filter)
+        out = fused(x)
+        assert out.shape == (2, 5, 16, 16), (resample_filter, out.shape)
+        torch.testing.assert_close(out[..., 2:-2, 2:-2], separate(x)[..., 2:-2, 2:-2], rtol=1e-5, atol=1e-5)
+
+
+def test_a_network_without_coordinates_takes_edms_call():
+    """use_pos=False: EDM's generate.py calls net(x, sigma, class_labels); the labels must reach the network."""
+    net = make_net('edm', use_pos=False, label_dim=3)
+    x, sigma = inputs()
+    labels = torch.eye(3)[[0, 2]]
+    assert torch.equal(net(x, sigma, labels), net(x, sigma, class_labels=labels))
+    assert not torch.equal(net(x, sigma, labels), net(x, sigma, class_labels=torch.eye(3)[[1, 1]]))
+    assert net.model.enc['8x8_conv'].weight.shape[1] == C   # no coordinate channels: EDM's shapes

@@ -36,13 +36,14 @@ import dnnlib
 import generate
 import train
 from torch_utils import misc, persistence
-from training import networks, runs, snapshots
+from training import networks, patching, runs, snapshots
 from training import loss as loss_lib
 from training import training_loop as tl
 from training.archive import convert_dataset
 
 TRAIN_PY = os.path.abspath(train.__file__)
-# 20 steps of one tick each (8 * E[m] = 15.2 images per step, ticks of 10 images); a state and a snapshot every tick.
+# About 20 steps of one tick each (8 * m(P) images per step, 15.2 on average; ticks of 10 images); a state and
+# a snapshot every tick.
 RUN_FLAGS = ['--batch=8', '--real_p=0.5', '--augment=0', '--lr-rampup=0', '--duration=0.0003', '--tick=0.01',
              '--dump=1', '--snap=1', '--samples=0', '--seed=1', '--arch=ddpmpp', '--cbase=8', '--cres=1,2',
              '--blocks=1', '--attn=none', '--workers=0', '--device=cpu']
@@ -62,6 +63,20 @@ def module_env(repo_root):
            if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'PD_TEST_EXIT_AT')}
     env.update(PYTHONPATH=str(repo_root), OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     return env
+
+
+def run_steps(total_nimg=300, batch=8, seed=1):
+    """The steps of a RUN_FLAGS run: each adds batch * m(P) images, P drawn from (seed, step)."""
+    return run_progress(total_nimg, batch, seed)[0]
+
+
+def run_progress(total_nimg=300, batch=8, seed=1):
+    """(steps, images counted) of a RUN_FLAGS run."""
+    schedule, nimg, steps = patching.PatchSchedule(32, 0.5, seed=seed), 0, 0
+    while nimg < total_nimg:
+        nimg += batch * schedule.multiplier(schedule.draw(steps))
+        steps += 1
+    return steps, nimg
 
 
 def train_args(outdir, data, *extra):
@@ -104,7 +119,7 @@ def reference_run(shapes_zip, module_env, tmp_path_factory):
     assert returncode == 0, output[-3000:]
     run_dir = run_dir_of(outdir)
     weights, steps = final_weights(run_dir)
-    assert steps == 20
+    assert steps == run_steps()
     return run_dir, weights
 
 
@@ -214,14 +229,14 @@ def test_killed_anywhere_resumes_bit_exact(shapes_zip, reference_run, tmp_path, 
     assert returncode == 0, output[-3000:]
 
     weights, steps = final_weights(run_dir)
-    assert steps == 20
+    assert steps == run_steps()
     assert_same_weights(weights, reference_run[1])
     assert temporaries(run_dir) == []
     with open(os.path.join(run_dir, 'log.txt')) as f:
         assert f.read().count('Resuming from') >= 3
     with open(os.path.join(run_dir, 'stats.jsonl')) as f:
         records = [json.loads(line) for line in f]   # whole lines only
-    assert records[-1]['Progress/kimg']['mean'] == pytest.approx(0.304)
+    assert records[-1]['Progress/kimg']['mean'] == pytest.approx(run_progress()[1] / 1000)
 
 
 def test_newest_readable_state_is_found(tmp_path, capsys):
@@ -479,6 +494,6 @@ def test_torchrun_restart_after_a_dead_rank_is_bit_exact(shapes_zip, tmp_path, m
         final[name] = runs.load_state(os.path.join(run_dir, 'training-state-000000.pt'))
         if name == 'killed':
             assert 'Resuming run' in output
-    assert final['plain']['step'] == final['killed']['step'] == 20
+    assert final['plain']['step'] == final['killed']['step'] == run_steps()
     assert_same_weights(final['plain']['net'], final['killed']['net'])
     assert_same_weights(final['plain']['ema'], final['killed']['ema'])

@@ -1,10 +1,13 @@
 """Tests of training/sampling.py: the samplers on an analytic Gaussian
 denoiser, the discretisations, per-seed determinism, the three network call
-conventions, guidance, network pickles and image grids."""
+conventions, guidance, sampling a region of the coordinate frame (against a
+naive re-implementation of the official generate.py), network pickles and
+image grids."""
 
 import itertools
 import math
 import pickle
+import re
 import subprocess
 import sys
 
@@ -15,7 +18,7 @@ import torch
 
 import dnnlib
 from training import denoiser, generation, image_io, samplers, snapshots
-from training.patching import full_grid
+from training.patching import full_grid, patch_grid
 
 FIXTURES = 'tests/fixtures'
 
@@ -182,7 +185,7 @@ def test_default_noise_ranges_are_edms():
     assert samplers.default_noise_range('edm') == (0.002, 80)
     assert samplers.default_noise_range('ve') == (0.02, 100)
     assert samplers.default_noise_range('iddpm') == (0.002, 81)
-    vp = lambda t: math.sqrt(math.exp(0.5 * 19.1 * t ** 2 + 0.1 * t) - 1)   # EDM generate.py's VP default
+    vp = lambda t: math.sqrt(math.exp(0.5 * 19.9 * t ** 2 + 0.1 * t) - 1)   # NVlabs/edm generate.py's VP default (beta_d 19.9)
     np.testing.assert_allclose(samplers.default_noise_range('vp', 1e-3), (vp(1e-3), vp(1)), rtol=1e-12)
 
 
@@ -313,11 +316,20 @@ def test_denoiser_calls_each_convention_with_its_arguments(net, convention, chan
         assert call['pos'] is None
 
 
-def test_official_network_with_embedded_coordinates_is_rejected():
-    net = OfficialSpy(img_channels=9)
-    net.out_channels = 3
-    with pytest.raises(ValueError, match='embed'):
-        denoiser.network_info(net)
+def _official_spy(img_channels, out_channels, **kwargs):
+    net = OfficialSpy(img_channels=img_channels, **kwargs)
+    net.out_channels = out_channels
+    return net
+
+
+def test_official_coordinate_channels_are_detected():
+    """img_channels - out_channels: 0 no coordinates, 2 the grid, 4 n the --embed_fq=n embedding; else refused."""
+    for extra, coordinates, embed_fq in ((0, False, 0), (2, True, 0), (4, True, 1), (12, True, 3)):
+        info = denoiser.network_info(_official_spy(3 + extra, 3))
+        assert (info.img_channels, info.coordinates, info.embed_fq) == (3, coordinates, embed_fq)
+    for img_channels in (6, 2, 9):
+        with pytest.raises(ValueError, match='neither the'):
+            denoiser.network_info(_official_spy(img_channels, 3))
 
 
 def test_unknown_call_convention_is_rejected():
@@ -356,7 +368,8 @@ def foreign_pickles(tmp_path_factory, repo_root):
     folder = tmp_path_factory.mktemp('snapshots')
     env = dict(PYTHONPATH=f'{repo_root}:{repo_root / FIXTURES}', OMP_NUM_THREADS='1', PATH='/usr/bin:/bin')
     subprocess.run([sys.executable, f'{FIXTURES}/write_snapshots.py', str(folder)], check=True, env=env, cwd=repo_root)
-    return dict(edm=folder / 'edm_cond.pkl', official=folder / 'official.pkl')
+    return dict(edm=folder / 'edm_cond.pkl', official=folder / 'official.pkl',
+                official_embed=folder / 'official_embed.pkl', official_nopos=folder / 'official_nopos.pkl')
 
 
 @pytest.mark.parametrize('kind, module, convention, label_dim', [
@@ -458,6 +471,257 @@ def test_our_networks_sample_with_the_full_grid():
     torch.testing.assert_close(denoiser.make_denoiser(net, labels)(x, sigma), expected)
     ((_, images),) = list(generation.generate_images(net, [0, 1], num_steps=3, cfg=1.5))
     assert images.shape == (2, 2, 8, 8)
+
+
+# ----------------------------------------------------------------------------
+# Regions of the coordinate frame, and the official --mask_pos, --embed_fq.
+
+
+def _coordinate_naive(index, resolution):
+    """(index / (R - 1) - 0.5) * 2 with each operation in float32, as the official code computes it."""
+    f32 = np.float32
+    return float((f32(index) / f32(resolution - 1) - f32(0.5)) * f32(2))
+
+
+def _images(net, seeds, **kwargs):
+    return torch.cat([images for _, images in generation.generate_images(net, seeds, **kwargs)])
+
+
+@pytest.mark.parametrize('net', [OursSpy(use_pos=True, img_channels=3, img_resolution=8),
+                                 OfficialSpy(img_channels=5, img_resolution=8)], ids=['ours', 'official'])
+def test_a_region_reaches_the_network_as_its_patch_grid(net):
+    """Every call gets patch_grid(top=y_start, left=x_start, S, R): x along columns from x_start, y along rows."""
+    _images(net, [0, 1, 2], batch_size=2, image_size=4, x_start=3, y_start=6, resolution=10, num_steps=3)
+    assert len(net.calls) == 2 * (2 * 3 - 1)
+    for call in net.calls:
+        n = call['x'].shape[0]
+        assert call['x'].shape[1:] == (3, 4, 4)
+        assert torch.equal(call['pos'], patch_grid(torch.full([n], 6), torch.full([n], 3), 4, 10))
+    pos = net.calls[0]['pos'][0]
+    assert pos[0].tolist() == [[_coordinate_naive(3 + col, 10) for col in range(4)]] * 4
+    assert pos[1].tolist() == [[_coordinate_naive(6 + row, 10)] * 4 for row in range(4)]
+
+
+def test_a_canvas_larger_than_the_frame_has_coordinates_past_one():
+    torch.manual_seed(0)
+    net = OursSpy(use_pos=True, img_channels=1, img_resolution=8)
+    images = _images(net, [0, 1], image_size=16, num_steps=2)
+    assert images.shape == (2, 1, 16, 16)
+    pos = net.calls[0]['pos'][0]
+    assert pos[0, 0, 0] == -1 and pos[0, 0, 7] == 1 and pos[0, 0, 15] == pytest.approx(15 / 7 * 2 - 1)
+    assert torch.equal(pos[1].T, pos[0])
+
+
+def _official_embedding_naive(grid, num_freqs):
+    """The official embedding: for f = 2^linspace(0, n - 1, n) the channels sin(grid f), cos(grid f)."""
+    freqs = 2. ** torch.linspace(0., num_freqs - 1, steps=num_freqs)
+    assert freqs.tolist() == [2. ** k for k in range(num_freqs)]
+    return torch.cat([fn(grid * freq) for freq in freqs for fn in (torch.sin, torch.cos)], dim=1)
+
+
+def test_embedded_coordinates_reach_an_official_network():
+    net = _official_spy(3 + 8, 3, img_resolution=8)
+    _images(net, [0], image_size=4, x_start=2, y_start=1, num_steps=1)
+    grid = patch_grid(torch.tensor([1]), torch.tensor([2]), 4, 8)
+    (call,) = net.calls
+    assert call['pos'].shape == (1, 8, 4, 4) and torch.equal(call['pos'], _official_embedding_naive(grid, 2))
+    torch.testing.assert_close(call['pos'][:, 6:], torch.cos(2 * grid))
+
+
+def _official_images_naive(net, seeds, resolution, image_size, x_start=0, y_start=0, embed_fq=0, num_steps=18,
+                           sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+    """The images the official Patch Diffusion generate.py makes of an unconditional network for one batch of
+    seeds: per-seed generators; the grid of the region in float32 integer arithmetic, or its sin/cos embedding;
+    noise [N, C, S, S]; EDM's Algorithm 2 in float64; uint8 pixels."""
+    assert not net.label_dim
+    generators = [torch.Generator().manual_seed(seed % (1 << 32)) for seed in seeds]
+
+    def randn(shape, dtype=torch.float32):
+        return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
+
+    columns = torch.arange(x_start, x_start + image_size).view(1, -1).expand(image_size, -1)
+    rows = torch.arange(y_start, y_start + image_size).view(-1, 1).expand(-1, image_size)
+    grid = torch.stack([(columns / (resolution - 1) - 0.5) * 2., (rows / (resolution - 1) - 0.5) * 2.])
+    pos = grid[None].repeat(len(seeds), 1, 1, 1)
+    if embed_fq:
+        pos = _official_embedding_naive(pos, embed_fq)
+    noise = randn([net.out_channels, image_size, image_size])
+
+    lo, hi = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    steps = torch.arange(num_steps, dtype=torch.float64)
+    t = (hi ** (1 / rho) + steps / (num_steps - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    t = torch.cat([net.round_sigma(t), torch.zeros(1, dtype=torch.float64)])
+    x = noise.to(torch.float64) * t[0]
+    for i in range(num_steps):
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0
+        t_hat = net.round_sigma(t[i] + gamma * t[i])
+        x_hat = x + (t_hat ** 2 - t[i] ** 2).sqrt() * S_noise * randn(x.shape[1:], dtype=torch.float64)
+        d = (x_hat - net(x_hat, t_hat, pos, None).to(torch.float64)) / t_hat
+        x = x_hat + (t[i + 1] - t_hat) * d
+        if i < num_steps - 1:
+            d_prime = (x - net(x, t[i + 1], pos, None).to(torch.float64)) / t[i + 1]
+            x = x_hat + (t[i + 1] - t_hat) * (0.5 * d + 0.5 * d_prime)
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize('kind, region', [
+    ('official', dict(resolution=8, image_size=8)),
+    ('official', dict(resolution=16, image_size=4, x_start=10, y_start=3)),
+    ('official', dict(resolution=8, image_size=16, x_start=2, y_start=5)),          # a canvas past the frame
+    ('official_embed', dict(resolution=8, image_size=8)),
+    ('official_embed', dict(resolution=32, image_size=8, x_start=20, y_start=7)),
+    ('official_embed', dict(resolution=8, image_size=16)),
+])
+def test_official_networks_give_the_official_generate_images(foreign_pickles, kind, region):
+    """Bit for bit what the official generate.py's loop makes of the same pickle, region and seeds."""
+    net, _ = snapshots.load_network(foreign_pickles[kind])
+    embed_fq = denoiser.network_info(net).embed_fq
+    assert embed_fq == (2 if kind == 'official_embed' else 0)
+    seeds = [0, 5, 2]
+    settings = dict(num_steps=5, S_churn=10)
+    ours = _images(net, seeds, batch_size=3, **region, **settings)
+    official = _official_images_naive(net, seeds, **region, embed_fq=embed_fq, **settings)
+    assert ours.shape == (3, 3, region['image_size'], region['image_size'])
+    assert torch.equal(ours, official)
+
+
+class _FullGridDenoiser:
+    """The network called directly with the full grid of its resolution (or no coordinates), float64 out."""
+
+    def __init__(self, net, labels, coordinates):
+        self.net, self.labels, self.coordinates = net, labels, coordinates
+        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+
+    def __call__(self, x, sigma):
+        x, sigma = x.to(torch.float32), sigma.to(torch.float32)
+        if self.coordinates is None:
+            return self.net(x, sigma, self.labels).to(torch.float64)
+        return self.net(x, sigma, self.coordinates(x), self.labels).to(torch.float64)
+
+
+def _our_unet(use_pos=True, label_dim=0, channel_mult=(1, 2), seed=0):
+    networks = pytest.importorskip('training.networks')
+    torch.manual_seed(seed)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=label_dim, use_pos=use_pos,
+                              model_type='SongUNet', model_channels=16, channel_mult=list(channel_mult), num_blocks=1,
+                              attn_resolutions=[], dropout=0)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.normal_(0, 0.1)
+    return net.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize('kind', ['ours', 'ours_no_pos', 'official', 'edm'])
+def test_default_region_gives_the_full_grid_images(foreign_pickles, kind):
+    """Without region settings the images are those of the samplers driven by the network with its full grid."""
+    if kind.startswith('ours'):
+        net = _our_unet(use_pos=kind == 'ours', label_dim=2)
+    else:
+        net, _ = snapshots.load_network(foreign_pickles[kind])
+    coordinates = None
+    if kind in ('ours', 'official'):
+        coordinates = lambda x: full_grid(8, x.shape[0])
+    elif kind == 'ours_no_pos':
+        coordinates = lambda x: None
+    seeds = [3, 1, 4]
+    rnd = generation.StackedRandomGenerator('cpu', seeds)
+    noise = rnd.randn([3, 3, 8, 8])
+    labels = generation.random_class_labels(rnd, net.label_dim, 3)
+    expected = samplers.edm_sampler(_FullGridDenoiser(net, labels, coordinates), noise, rnd.randn_like, num_steps=4,
+                                    S_churn=5)
+    assert torch.equal(_images(net, seeds, num_steps=4, S_churn=5), image_io.to_uint8(expected))
+
+
+@pytest.mark.parametrize('region', [dict(), dict(image_size=16, x_start=4, y_start=2), dict(image_size=4, x_start=7)])
+@pytest.mark.parametrize('kind', ['ours', 'official_embed'])
+def test_image_k_depends_only_on_seed_k_at_every_size(foreign_pickles, kind, region):
+    net = _our_unet(label_dim=3) if kind == 'ours' else snapshots.load_network(foreign_pickles[kind])[0]
+    seeds = [7, 0, 3]
+    alone = torch.cat([_images(net, [seed], num_steps=3, S_churn=10, **region) for seed in seeds])
+    together = _images(net, seeds, batch_size=3, num_steps=3, S_churn=10, **region)
+    assert torch.equal(alone, together) and not torch.equal(together[0], together[1])
+
+
+def test_our_unet_samples_regions_and_canvases():
+    net = _our_unet(channel_mult=(1, 1, 1))
+    corner = _images(net, [0, 1], image_size=4, x_start=4, y_start=4, num_steps=3)
+    canvas = _images(net, [0, 1], image_size=16, resolution=8, num_steps=3)
+    assert corner.shape == (2, 3, 4, 4) and canvas.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match='multiple of 4, such as 4 or 8'):
+        generation.generate_images(net, [0], image_size=6)
+    with pytest.raises(ValueError, match='multiple of 4, such as 4$'):
+        generation.generate_images(net, [0], image_size=2)
+
+
+def test_input_multiple_reads_the_unet():
+    """2^(halvings): ours record num_levels; EDM's and the official UNets have <res>x<res>_down encoder blocks."""
+    assert denoiser.input_multiple(_our_unet(channel_mult=(1, 1, 1))) == 4
+    edm_style = torch.nn.Module()
+    edm_style.model = torch.nn.Module()
+    edm_style.model.enc = torch.nn.ModuleDict({name: torch.nn.Identity() for name in (
+        '64x64_conv', '64x64_block0', '32x32_down', '32x32_aux_down', '32x32_aux_skip', '16x16_down', '8x8_down')})
+    assert denoiser.input_multiple(edm_style) == 8
+    assert denoiser.input_multiple(EDMSpy(img_channels=3)) == 1
+
+
+@pytest.mark.parametrize('kind, kwargs, match', [
+    ('official', dict(image_size=0), 'image_size=0 must be a positive integer'),
+    ('official', dict(x_start=-1), 'x_start=-1 must be a non-negative integer'),
+    ('official', dict(y_start=-3), 'y_start=-3'),
+    ('official', dict(resolution=1), 'needs 2 pixels or more'),
+    ('official', dict(resolution=0), 'resolution=0 must be a positive integer'),
+    ('edm', dict(x_start=2), 'takes no coordinates'),
+    ('edm', dict(y_start=2, image_size=4), 'takes no coordinates'),
+    ('edm', dict(resolution=16, image_size=16), 'contradicts'),
+    ('official_nopos', dict(resolution=16), 'contradicts'),
+])
+def test_bad_regions_raise_at_the_call(foreign_pickles, kind, kwargs, match):
+    net, _ = snapshots.load_network(foreign_pickles[kind])
+    with pytest.raises(ValueError, match=match) as info:
+        generation.generate_images(net, [0], **kwargs)
+    assert '\n' not in str(info.value)
+
+
+def test_networks_without_coordinates_change_only_their_size(foreign_pickles):
+    net, _ = snapshots.load_network(foreign_pickles['edm'])
+    assert _images(net, [0], image_size=12, num_steps=2).shape == (1, 3, 12, 12)
+    assert torch.equal(_images(net, [0], resolution=8, num_steps=2), _images(net, [0], num_steps=2))
+    spy = EDMSpy(img_channels=1, img_resolution=None)
+    assert _images(spy, [0], image_size=4, num_steps=1).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize('kind, mask_pos, embed_fq, result', [
+    ('official_nopos', True, None, 'takes no coordinates'),
+    ('official_nopos', True, 0, 'takes no coordinates'),
+    ('edm', True, None, 'takes no coordinates'),
+    ('official_embed', False, 2, 'sin/cos embedding at 2 frequencies'),
+    ('official', False, 0, 'plain [x, y] coordinate grid'),
+    ('official', False, None, None),
+    ('official', True, None, ValueError('without the coordinate channels it takes')),
+    ('official_embed', True, 2, ValueError('without the coordinate channels it takes')),
+    ('official_embed', False, 1, ValueError('contradicts the network, which takes their sin/cos embedding at 2')),
+    ('official_embed', False, 0, ValueError('contradicts')),
+    ('official', False, 2, ValueError('which takes the plain [x, y] coordinate grid (--embed_fq=0)')),
+    ('edm', False, 1, ValueError('which takes no coordinates')),
+    ('official', False, -1, ValueError('non-negative integer')),
+])
+def test_official_flags_are_checked_no_ops(foreign_pickles, kind, mask_pos, embed_fq, result):
+    net, _ = snapshots.load_network(foreign_pickles[kind])
+    if isinstance(result, ValueError):
+        with pytest.raises(ValueError, match=re.escape(str(result))):
+            denoiser.check_official_flags(net, mask_pos, embed_fq)
+        return
+    notes = denoiser.check_official_flags(net, mask_pos, embed_fq)
+    assert len(notes) == (mask_pos + (embed_fq is not None))
+    assert all(result in note for note in notes)
+
+
+def test_embed_fq_on_our_networks():
+    ours = _our_unet()
+    assert 'plain [x, y] coordinate grid' in denoiser.check_official_flags(ours, embed_fq=0)[0]
+    with pytest.raises(ValueError, match='contradicts'):
+        denoiser.check_official_flags(ours, embed_fq=1)
+    assert denoiser.check_official_flags(_our_unet(use_pos=False), mask_pos=True)
 
 
 # ----------------------------------------------------------------------------

@@ -5,7 +5,10 @@ two one-process "nodes" on 127.0.0.1. All on CPU with tiny networks."""
 import json
 import os
 import pickle
+import shutil
+import subprocess
 import sys
+import types
 
 import numpy as np
 import PIL.Image
@@ -18,7 +21,7 @@ from click.testing import CliRunner
 import train
 from tests.conftest import makefile_demo_flags
 from torch_utils import misc
-from training import runs, snapshots
+from training import config, runs, snapshots
 from training import training_loop as tl
 from training.archive import convert_dataset
 
@@ -115,12 +118,19 @@ def test_readme_command_runs(readme_run):
 
 
 def test_readme_run_progress_is_image_accounting(readme_run):
-    """200 images at 8 * E[m] = 15.2 per step: 14 steps, kimg = round(14 * 15.2) / 1000."""
+    """--duration=0.0002 is 200 images; each step adds the images it used,
+    batch * m(P) = 8 * 32 / P, so the run stops at the first count >= 200."""
     run_dir, _ = readme_run
     stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
-    assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(0.213)
-    steps = sum(v['mean'] for s in stats for k, v in s.items() if k.startswith('Patches/steps_'))
-    assert steps == 14
+    counts = {}
+    for tick in stats:
+        for key, value in tick.items():
+            if key.startswith('Patches/steps_'):
+                P = int(key[len('Patches/steps_'):-len('px')])
+                counts[P] = counts.get(P, 0) + value['mean']
+    images = sum(8 * (32 // P) * n for P, n in counts.items())
+    assert stats[-1]['Progress/kimg']['mean'] * 1000 == pytest.approx(images)
+    assert 200 <= images < 200 + 8 * 4 and set(counts) == {8, 16, 32}
 
 
 @pytest.mark.slow
@@ -206,18 +216,67 @@ def test_same_command_resumes_bit_exact(shapes_zip, tmp_path, subprocess_env):
     assert (run_dir / 'log.txt').read_text().count('Resuming from') == 1
 
 
+def test_raising_the_duration_continues_the_run_bit_exact(shapes_zip, tmp_path, subprocess_env):
+    """The same command with a longer --duration (and other --tick, --dump,
+    --samples) continues the finished run in its own folder, says so, and
+    ends with the weights of a run given the longer duration from the start
+    (random patch draws, lr ramp-up by images: exact). A changed --lr starts
+    a new run and names the difference."""
+    def args(outdir, *extra):
+        return [f'--outdir={outdir}', f'--data={shapes_zip}', '--cond=0', '--batch=8', '--real_p=0.5', '--seed=3',
+                '--lr-rampup=0.05', '--augment=0', '--tick=0.05', '--samples=0'] + TINY_FLAGS + list(extra)
+    short, longer = tmp_path / 'extended', tmp_path / 'longer'
+    assert run_train(args(short, '--duration=0.0001'), subprocess_env)[0] == 0
+    returncode, output = run_train(args(short, '--duration=0.0002', '--tick=0.1', '--dump=2'), subprocess_env)
+    assert returncode == 0, output[-5000:]
+    (name,) = run_dirs(short)
+    assert 'Resuming run' in output and 'Continuing with changed options: ' in output
+    assert '--duration 0.0002 != 0.0001' in output and '--dump 2 != 500' in output
+    options = json.loads((short / name / 'training_options.json').read_text())
+    assert options['total_kimg'] == 0.2 and options['state_dump_ticks'] == 2   # the run records its new options
+    assert run_train(args(longer, '--duration=0.0002'), subprocess_env)[0] == 0
+    (other,) = run_dirs(longer)
+    a = runs.load_state(runs.find_latest_state(str(short / name)))
+    b = runs.load_state(runs.find_latest_state(str(longer / other)))
+    assert a['step'] == b['step'] and a['nimg'] == b['nimg'] >= 200
+    for key in ('net', 'ema'):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key
+
+    returncode, output = run_train(args(short, '--duration=0.0002', '--lr=2e-3'), subprocess_env)
+    assert returncode == 0, output[-5000:]
+    assert f'Note: not resuming {name}: --lr 0.002 != 0.001; starting a new run.' in output
+    assert len(run_dirs(short)) == 2
+
+
 def test_only_the_same_options_resume(readme_run):
-    """find_resumable_run matches a run by its resolved options (not the seed,
-    which was random): a changed --lr is a new run."""
+    """find_resumable_run matches a run by the options that change what is
+    learned (not the seed, which was random): a changed --lr is a new run,
+    and the note names it; a longer --duration, other --tick/--snap/--dump/
+    --workers/--samples/--snapshot-format/--device continue the run."""
     run_dir, _ = readme_run
     options = json.loads((run_dir / 'training_options.json').read_text())
     mine = dict(options, seed=12345)
     del mine['run_dir']
-    found = runs.find_resumable_run(str(run_dir.parent), mine, seed_given=False, nosubdir=False)
-    assert found == (str(run_dir), runs.find_latest_state(str(run_dir)), options['seed'])
-    assert runs.find_resumable_run(str(run_dir.parent), mine, seed_given=True, nosubdir=False) is None
+    found, note = runs.find_resumable_run(str(run_dir.parent), mine, seed_given=False, nosubdir=False)
+    assert (found.run_dir, found.state, found.seed, found.changed, note) == \
+        (str(run_dir), runs.find_latest_state(str(run_dir)), options['seed'], [], None)
+    found, note = runs.find_resumable_run(str(run_dir.parent), mine, seed_given=True, nosubdir=False)
+    assert found is None and note == f'not resuming {run_dir.name}: --seed 12345 != {options["seed"]}'
+
+    longer = dict(mine, total_kimg=options['total_kimg'] * 2, kimg_per_tick=1, snapshot_ticks=7, state_dump_ticks=9,
+                  sample_count=5, snapshot_format='both', device='cuda:3', max_bad_steps=5,
+                  data_loader_kwargs=dict(options['data_loader_kwargs'], num_workers=4))
+    found, note = runs.find_resumable_run(str(run_dir.parent), longer, seed_given=False, nosubdir=False)
+    assert found.run_dir == str(run_dir) and note is None
+    assert ('total_kimg', options['total_kimg'], options['total_kimg'] * 2) in found.changed
+    assert '--duration 0.0004 != 0.0002' in runs.describe_differences(found.changed) and len(found.changed) == 9
+
     mine['optimizer_kwargs'] = dict(mine['optimizer_kwargs'], lr=3e-4)
-    assert runs.find_resumable_run(str(run_dir.parent), mine, seed_given=False, nosubdir=False) is None
+    found, note = runs.find_resumable_run(str(run_dir.parent), mine, seed_given=False, nosubdir=False)
+    assert found is None and note == f'not resuming {run_dir.name}: --lr 0.0003 != 0.0002'
+    progressive = dict(longer, patch_kwargs=dict(options['patch_kwargs'], progressive=True))
+    found, note = runs.find_resumable_run(str(run_dir.parent), progressive, seed_given=False, nosubdir=False)
+    assert found is None and '--progressive' in note and '--duration' in note   # phases are shares of the run
 
 
 # ----------------------------------------------------------------------------
@@ -375,3 +434,49 @@ def test_two_nodes_on_localhost(shapes_zip, tmp_path, subprocess_env, free_port)
     assert '-gpus2-batch8-' in name
     assert os.path.isfile(outdir / name / 'network-snapshot-000000.pkl')
     assert os.path.isfile(outdir / name / 'training-state-000000.pt')
+
+
+EDM_STYLE_LOAD = '''
+import pickle, sys
+import torch
+with open(sys.argv[1], 'rb') as f:
+    net = pickle.load(f)['ema']
+assert not any(name.startswith('training') for name in sys.modules), sorted(sys.modules)
+x = torch.randn([2, net.img_channels, net.img_resolution, net.img_resolution], generator=torch.Generator().manual_seed(0))
+labels = torch.eye(net.label_dim)[[0, 3]]
+out = net(x, torch.tensor([1.0, 2.0]), labels)    # EDM generate.py's call
+print(net.img_channels, tuple(out.shape), float(out.abs().sum()))
+'''
+
+
+def test_use_pos_0_trains_plain_edm_loadable_by_edm_code(shapes_zip, tmp_path, subprocess_env, repo_root):
+    """--use_pos=0 --real_p=1 is plain EDM training: a network without
+    coordinate channels whose pickle loads where only torch_utils and dnnlib
+    exist (as in EDM's repository) and takes EDM's call net(x, sigma, labels)."""
+    outdir = tmp_path / 'runs'
+    returncode, output = run_train([f'--outdir={outdir}', f'--data={shapes_zip}', '--cond=1', '--batch=4',
+                                    '--use_pos=0', '--real_p=1', '--precond=edm', '--duration=0.00001',
+                                    '--samples=0', '--augment=0'] + TINY_FLAGS, subprocess_env)
+    assert returncode == 0, output[-5000:]
+    (name,) = run_dirs(outdir)
+    options = json.loads((outdir / name / 'training_options.json').read_text())
+    assert options['network_kwargs']['use_pos'] is False and 'patches 32:' in output
+    edm_like = tmp_path / 'edm_like'
+    for package in ('torch_utils', 'dnnlib'):
+        shutil.copytree(repo_root / package, edm_like / package)
+    (tmp_path / 'load.py').write_text(EDM_STYLE_LOAD)
+    env = dict(subprocess_env, PYTHONPATH=str(edm_like))
+    result = subprocess.run([sys.executable, str(tmp_path / 'load.py'), str(outdir / name / 'network-snapshot-000000.pkl')],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith('3 (2, 3, 32, 32)')
+
+
+def test_precond_names_of_the_official_code():
+    """--precond=pedm (the official default) is EDM's preconditioning with coordinates, as our edm."""
+    dataset = types.SimpleNamespace(is_latent=False, resolution=32)
+    pedm, edm = (config.build_config(dict(precond=name), dataset) for name in ('pedm', 'edm'))
+    assert pedm.network_kwargs == edm.network_kwargs and pedm.loss_kwargs == edm.loss_kwargs == dict(loss='edm')
+    assert edm.network_kwargs.use_pos is True
+    plain = config.build_config(dict(precond='vp', use_pos=False), dataset)
+    assert (plain.network_kwargs.precond, plain.network_kwargs.use_pos, plain.loss_kwargs.loss) == ('vp', False, 'vp')

@@ -133,7 +133,7 @@ def test_resume_is_bit_exact(shapes_zip, tmp_path):
 
     second = make_trainer(shapes_zip, **options)
     second.load_state_dict(runs.load_state(str(path)))
-    assert second.step_count == 4 and second.cur_nimg == straight.nimg_at(4)
+    assert second.step_count == 4 and second.cur_nimg == sum(8 * (RESOLUTION // P) for P in sizes[:4])
     assert [second.step() for _ in range(4)] == sizes[4:]
     assert_same_tensors(straight.net.state_dict(), second.net.state_dict())
     assert_same_tensors(straight.ema.state_dict(), second.ema.state_dict())
@@ -169,8 +169,9 @@ def test_image_accounting(shapes_zip):
     for k in range(1, 11):
         P = trainer.step()
         taken += 4 * (RESOLUTION // P)
-        assert trainer.cur_nimg == round(k * 4 * E_M_PIXEL_HALF)
+        assert trainer.cur_nimg == taken           # each step counts the images it used, batch * m(P)
         assert trainer.batches.consumed == taken   # m = R / P full images per patch step
+    assert trainer.nimg_per_step == pytest.approx(4 * E_M_PIXEL_HALF)   # on average
     plain = make_trainer(shapes_zip, batch_size=4, patch_kwargs=dict(real_p=1.0))
     plain.step()
     assert plain.cur_nimg == 4 and plain.batches.consumed == 4
@@ -239,24 +240,22 @@ def test_merged_patch_round_equals_one_big_round(shapes_zip):
     assert trainers[0].batches.consumed == trainers[1].batches.consumed == 32
 
 
-def test_loss_scaling_is_undone(shapes_zip):
-    """--ls scales the loss for fp16 gradients; the update is that of the
-    unscaled loss. Adam's eps = 1 makes the update depend on the gradient's
-    scale (lr * g for small g), so a scale left in would show."""
-    def run(ls, undo=True):
+def test_loss_scaling_divides_adams_epsilon_as_in_edm(shapes_zip):
+    """--ls scales the loss and, as in EDM, Adam sees the scaled gradients:
+    the update of (ls = L, eps = e) is that of (ls = 1, eps = e / L). Adam's
+    eps = 1 makes the update depend on the gradient's scale (lr * g for small
+    g), so the two differ from (ls = 1, eps = 1)."""
+    def run(ls, eps):
         t = make_trainer(shapes_zip, batch_size=4, loss_scaling=ls, patch_kwargs=dict(real_p=1.0),
-                         optimizer_kwargs=dict(eps=1.0))
+                         optimizer_kwargs=dict(eps=eps))
         t.loss_fn = deterministic_loss
-        if not undo:
-            t.optimizer.grad_scale = None
         t.step()
         t.step()
         return t
-    plain, scaled, not_undone = run(1), run(256), run(256, undo=False)
-    for (name, p), q in zip(plain.net.named_parameters(), scaled.net.parameters()):
+    scaled, small_eps, plain = run(256, 1.0), run(1, 1.0 / 256), run(1, 1.0)
+    for (name, p), q in zip(small_eps.net.named_parameters(), scaled.net.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
-    assert not tensors_equal(plain.net, not_undone.net)
-    moved = [(p - q).abs().max() for p, q in zip(plain.net.parameters(), not_undone.net.parameters())]
+    moved = [(p - q).abs().max() for p, q in zip(plain.net.parameters(), scaled.net.parameters())]
     assert max(moved) > 1e-4
 
 
@@ -367,6 +366,15 @@ class NaNFromStepLoss(loss_lib.EDMLoss):
         return loss * float('nan') if self.calls > self.first_bad else loss
 
 
+def steps_until(total_nimg, batch=8, seed=1):
+    """Steps of the loop_kwargs run: each adds batch * m(P) images, P drawn by the step's seed."""
+    schedule, nimg, steps = patching.PatchSchedule(RESOLUTION, 0.5, seed=seed), 0, 0
+    while nimg < int(total_nimg):
+        nimg += batch * schedule.multiplier(schedule.draw(steps))
+        steps += 1
+    return steps
+
+
 def loop_kwargs(data, run_dir, **overrides):
     """training_loop options of a tiny run: one step per tick (kimg_per_tick tiny)."""
     loop = dict(run_dir=str(run_dir), kimg_per_tick=1e-6, snapshot_ticks=1, state_dump_ticks=1, sample_count=0,
@@ -412,7 +420,7 @@ def test_bad_step_message_names_the_bad_step(shapes_zip, tmp_path, monkeypatch):
     """A bad step inside a long tick: the message names that step, not the tick's last."""
     monkeypatch.setitem(loss_lib.LOSSES, 'nan1once', lambda: NaNOnceLoss(1))
     kwargs = loop_kwargs(shapes_zip, tmp_path, loss_kwargs=dict(loss='nan1once'), max_bad_steps=0)
-    kwargs['kimg_per_tick'] = 4 * 8 * E_M_PIXEL_HALF / 1000   # tick 1 = steps 1 to 4
+    kwargs['kimg_per_tick'] = 4 * 8 * 4 / 1000   # tick 1 = steps 1 to 4 at least (4 images per step at most)
     with pytest.raises(FloatingPointError, match=r'1 training steps .*step 1\b.*tick 1\b'):
         tl.training_loop(**kwargs)
 
@@ -458,7 +466,7 @@ def test_training_state_loads_weights_only(loop_run):
     path = runs.find_latest_state(str(run_dir))
     assert path == str(run_dir / 'training-state-000000.pt')
     state = torch.load(path, map_location='cpu', weights_only=True)
-    assert state['step'] == 8 and state['format'] == 'patch-diffusion-state-v1'
+    assert state['step'] == steps_until(8 * 8 * E_M_PIXEL_HALF) and state['format'] == 'patch-diffusion-state-v1'
     assert_same_tensors(state['ema'], ema.state_dict())
     assert set(state) >= {'net', 'ema', 'optimizer', 'step', 'consumed', 'seed', 'cur_tick'}
 
@@ -466,15 +474,17 @@ def test_training_state_loads_weights_only(loop_run):
 def test_stats_progress_matches_image_accounting(loop_run):
     run_dir, _, _ = loop_run
     lines = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
-    assert len(lines) == 8   # one step per tick
-    steps = 0
+    assert len(lines) == steps_until(8 * 8 * E_M_PIXEL_HALF)   # one step per tick
+    steps, images = 0, 0
     for tick, stats in enumerate(lines):
         assert stats['Progress/tick']['mean'] == tick
-        steps += sum(v['mean'] for k, v in stats.items() if re.fullmatch(r'Patches/steps_\d+px', k))
-        assert stats['Progress/kimg']['mean'] * 1000 == pytest.approx(round(steps * 8 * E_M_PIXEL_HALF))
+        counts = {int(m.group(1)): v['mean'] for k, v in stats.items() if (m := re.fullmatch(r'Patches/steps_(\d+)px', k))}
+        steps += sum(counts.values())
+        images += sum(8 * (RESOLUTION // P) * n for P, n in counts.items())   # batch * m(P) per step
+        assert stats['Progress/kimg']['mean'] * 1000 == pytest.approx(images)
         assert np.isfinite(stats['Loss/loss']['mean'])
         assert stats['Progress/bad_steps']['mean'] == 0
-    assert steps == 8
+    assert steps == len(lines)
 
 
 def test_sample_grid_written(loop_run):
@@ -502,3 +512,35 @@ def test_transfer_weights_rejects_other_pickles(tmp_path):
     path.write_bytes(pickle.dumps(dict(weights=[1, 2])))
     with pytest.raises(ValueError, match='ema'):
         snapshots.transfer_weights(str(path), torch.nn.Linear(2, 2))
+
+
+def test_ema_ramp_up_counts_the_images_before_the_step(shapes_zip):
+    """As EDM: the first step has seen no image before it, so its ramped-up
+    half-life is 0 and the EMA equals the network after it (a ramp-up ratio
+    of 10 keeps the second step's EMA clearly behind)."""
+    trainer = make_trainer(shapes_zip, ema_rampup_ratio=10)
+    trainer.step()
+    assert tensors_equal(trainer.ema, trainer.net)
+    trainer.step()
+    assert not tensors_equal(trainer.ema, trainer.net)
+
+
+def test_progressive_phases_are_shares_of_the_images(shapes_zip):
+    """--progressive=1: the sizes come in increasing order, a step at size P
+    counts batch * m(P) images, and it trains on the first size whose
+    cumulative share is >= the share of images seen before the step."""
+    trainer = make_trainer(shapes_zip, batch_size=4, total_kimg=0.4, patch_kwargs=dict(progressive=True))
+    cum = np.cumsum(trainer.schedule.probs)
+    sizes = []
+    while trainer.cur_nimg < trainer.total_nimg:
+        before = trainer.cur_nimg
+        P = trainer.step()
+        sizes.append(P)
+        assert trainer.cur_nimg - before == 4 * (RESOLUTION // P)
+        assert trainer.schedule.sizes.index(P) == int(np.argmax(before / trainer.total_nimg <= cum))
+    assert sizes == sorted(sizes) and set(sizes) == {8, 16, 32}
+
+
+def test_loop_disables_reduced_precision_fp16_reductions(loop_run):
+    """As EDM's training loop (it matters for --fp16 on CUDA)."""
+    assert torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction is False

@@ -13,7 +13,7 @@ from training.dataset import dataset_class_name
 
 # train.py's flags and their defaults (EDM's, plus the Patch Diffusion ones).
 DEFAULTS = dnnlib.EasyDict(
-    data=None, cond=False, arch='ddpmpp', precond='edm',
+    data=None, cond=False, arch='ddpmpp', precond='edm', use_pos=True,
     real_p=0.5, train_on_latents=False, vae=None, scale_factor=None, progressive=False, implicit_mlp=False,
     pos_freqs=0,
     duration=200, batch=512, batch_gpu=None, cbase=None, cres=None, blocks=None, attn=None, lr=10e-4,
@@ -24,6 +24,11 @@ DEFAULTS = dnnlib.EasyDict(
     tick=50, snap=50, dump=500, snapshot_format='pkl', samples=16, metrics=None, metric_ref=None,
     metric_num=50000, seed=0, transfer=None,
 )
+
+# --precond: the preconditioning and loss of each name. 'pedm' is the official code's name of EDM's
+# preconditioning with coordinate channels (its default); here every preconditioning takes the
+# coordinate channels unless --use_pos=0, so 'pedm' and 'edm' are the same.
+PRECONDS = {'edm': 'edm', 'pedm': 'edm', 'vp': 'vp', 've': 've'}
 
 # Keys of the resolved options that the Trainer takes (the rest are the training loop's).
 TRAINER_KEYS = ('dataset_kwargs', 'data_loader_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs',
@@ -60,7 +65,7 @@ def build_config(options, dataset):
                                            prefetch_factor=2 if opts.workers > 0 else None,
                                            persistent_workers=opts.workers > 0)
     c.network_kwargs = network_kwargs(opts)
-    c.loss_kwargs = dnnlib.EasyDict(loss=opts.precond)
+    c.loss_kwargs = dnnlib.EasyDict(loss=PRECONDS[opts.precond])
     c.loss_kwargs.update({k: opts[k] for k in ('P_mean', 'P_std') if opts[k] is not None})
     c.optimizer_kwargs = dnnlib.EasyDict(lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
     c.augment_kwargs = None
@@ -90,12 +95,12 @@ def build_config(options, dataset):
 
 def network_kwargs(opts):
     """The network's resolved options: the --arch's defaults, then --cbase, --cres, ... ."""
-    kwargs = dnnlib.EasyDict(precond=opts.precond, **networks.ARCHITECTURES[opts.arch])
+    kwargs = dnnlib.EasyDict(precond=PRECONDS[opts.precond], **networks.ARCHITECTURES[opts.arch])
     for flag, key in (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('blocks', 'num_blocks'),
                       ('attn', 'attn_resolutions')):
         if opts[flag] is not None:
             kwargs[key] = opts[flag]
-    kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_pos=True, pos_freqs=opts.pos_freqs,
+    kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_pos=opts.use_pos, pos_freqs=opts.pos_freqs,
                   implicit_mlp=opts.implicit_mlp)
     if opts.label_dropout:
         kwargs.label_dropout = opts.label_dropout
@@ -110,10 +115,15 @@ def trainer_kwargs(c):
 def run_description(opts, dataset, world_size):
     """The <desc> of the run folder NNNNN-<desc>, as EDM names it (opts: flag values, plus 'desc')."""
     opts = dnnlib.EasyDict(DEFAULTS, **opts)
-    precision = 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
+    precision = 'fp16' if opts.fp16 and fp16_applies(opts.device) else 'bf16' if opts.bf16 else 'fp32'
     desc = (f'{dataset.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
             f'-batch{opts.batch}-{precision}-realp{opts.real_p:g}')
     return f'{desc}-{opts.desc}' if opts.get('desc') else desc
+
+
+def fp16_applies(device):
+    """Whether --fp16 changes anything on `device`: the networks run in fp16 on CUDA only."""
+    return str(device).startswith('cuda')
 
 
 def _check_flags(opts, dataset):
@@ -124,10 +134,19 @@ def _check_flags(opts, dataset):
         raise ValueError('--metrics=fid needs --metric-ref=NPZ|URL (reference statistics from fid.py ref)')
     if opts.label_dropout and not opts.cond:
         raise ValueError('--label-dropout needs a conditional model (--cond=1)')
-    if (opts.P_mean is not None or opts.P_std is not None) and opts.precond != 'edm':
+    if opts.precond not in PRECONDS:
+        raise ValueError(f'--precond={opts.precond} is unknown; choose one of {", ".join(PRECONDS)}')
+    if (opts.P_mean is not None or opts.P_std is not None) and PRECONDS[opts.precond] != 'edm':
         raise ValueError('--P_mean and --P_std set the noise levels of --precond=edm only')
     if opts.augment and (opts.train_on_latents or dataset.is_latent):
         raise ValueError('--augment works on pixels; use --augment=0 with latents')
+    latent = opts.train_on_latents or dataset.is_latent
+    if not latent and (opts.vae is not None or opts.scale_factor is not None):
+        raise ValueError('--vae and --scale_factor apply to latent training; add --train_on_latents=1 to train on '
+                         'the latents of that VAE, or leave them out')
+    if opts.pos_freqs and not opts.use_pos:
+        raise ValueError(f'--pos-freqs={opts.pos_freqs} encodes the coordinate channels, which --use_pos=0 '
+                         f'turns off; leave one of them out')
     if dataset.is_latent and (opts.vae or opts.scale_factor):
         raise ValueError(f'--vae and --scale_factor are for raw images; {opts.data} was encoded with '
                          f'{dataset.vae} (scale factor {dataset.scale_factor})')

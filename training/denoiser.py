@@ -1,6 +1,7 @@
 """The denoiser the samplers call: D(x; sigma) of a network of any of the
 three call conventions (docs/DESIGN.md section 4), in float64, with the
-coordinate channels, class labels and classifier-free guidance hidden.
+coordinate channels, class labels and classifier-free guidance hidden; and
+the region of the coordinate frame a sample covers.
 """
 
 import inspect
@@ -8,11 +9,11 @@ import inspect
 import torch
 
 import dnnlib
-from training.networks import full_grid
+from training.networks import patch_grid
 
 # The name of forward's third parameter tells the convention apart:
-#   ours:     net(x, sigma, pos, class_labels)    pos = full grid when net.use_pos
-#   official: net(x, sigma, x_pos, class_labels)  img_channels reports C + 2
+#   ours:     net(x, sigma, pos, class_labels)    pos = the region's grid when net.use_pos
+#   official: net(x, sigma, x_pos, class_labels)  img_channels reports C + its coordinate channels
 #   edm:      net(x, sigma, class_labels)         no coordinates
 CONVENTIONS = {'pos': 'ours', 'x_pos': 'official', 'class_labels': 'edm'}
 
@@ -33,22 +34,68 @@ def network_info(net):
 
     Returns EasyDict(convention, img_channels = IMAGE channels C,
     img_resolution (None if the network does not record it), label_dim,
-    coordinates = whether it takes the [N, 2, R, R] coordinate grid).
+    coordinates = whether it takes coordinates, embed_fq = for official
+    networks the number of frequencies of its sin/cos-embedded coordinates
+    (its training's --embed_fq, 0 = the plain [x, y] grid)). An official
+    network's coordinate channels are img_channels - out_channels: 0 (none),
+    2 (the grid) or 4 n (the embedding of n frequencies).
     """
     convention = network_convention(net)
-    channels, coordinates = net.img_channels, False
+    channels, coordinates, embed_fq = net.img_channels, False, 0
     if convention == 'ours':
         coordinates = bool(getattr(net, 'use_pos', False))
     elif convention == 'official':
         out_channels = getattr(net, 'out_channels', net.img_channels - 2)
-        if net.img_channels - out_channels not in (0, 2):
+        extra = net.img_channels - out_channels
+        if extra < 0 or (extra != 2 and extra % 4):
             raise ValueError(f'This official Patch Diffusion network has img_channels={net.img_channels} and '
-                             f'out_channels={out_channels}: it embeds its coordinates (--embed_fq), which is not '
-                             f'supported; only plain [x, y] coordinate channels are')
-        channels, coordinates = out_channels, net.img_channels - out_channels == 2
+                             f'out_channels={out_channels}: {extra} coordinate channels, which are neither the '
+                             f'[x, y] grid (2) nor its sin/cos embedding (4 per frequency)')
+        channels, coordinates, embed_fq = out_channels, extra > 0, (extra // 4 if extra != 2 else 0)
     return dnnlib.EasyDict(convention=convention, img_channels=int(channels),
                            img_resolution=getattr(net, 'img_resolution', None),
-                           label_dim=int(net.label_dim or 0), coordinates=coordinates)
+                           label_dim=int(net.label_dim or 0), coordinates=coordinates, embed_fq=int(embed_fq))
+
+
+def _coordinate_input(info):
+    """What `net` takes as coordinates, in words, with the official --embed_fq it corresponds to."""
+    if not info.coordinates:
+        return 'no coordinates'
+    if info.embed_fq:
+        return f'their sin/cos embedding at {info.embed_fq} frequencies (--embed_fq={info.embed_fq})'
+    return 'the plain [x, y] coordinate grid (--embed_fq=0)'
+
+
+def check_official_flags(net, mask_pos=False, embed_fq=None):
+    """Check the official generate.py's --mask_pos and --embed_fq against what
+    `net` declares itself, and return the notes to print (a list of str).
+
+    Both only restate what the network's channels tell, so they change
+    nothing: mask_pos (call the network without coordinates) fits networks
+    that take none; embed_fq = n (coordinates embedded at n sin/cos
+    frequencies, 0 = the plain grid; None = not given) must be what the
+    network takes. ValueError where they contradict the network.
+    """
+    info = network_info(net)
+    notes = []
+    if mask_pos:
+        if info.coordinates:
+            raise ValueError('--mask_pos=1 would call this network without the coordinate channels it takes (the '
+                             'official generate.py fails there too); leave --mask_pos out')
+        notes.append('--mask_pos=1: the network takes no coordinates, so it is called without them anyway')
+    if embed_fq is not None:
+        if int(embed_fq) != embed_fq or embed_fq < 0:
+            raise ValueError(f'--embed_fq={embed_fq} must be a non-negative integer')
+        if embed_fq != (info.embed_fq if info.coordinates else 0):
+            raise ValueError(f'--embed_fq={embed_fq} contradicts the network, which takes {_coordinate_input(info)}; '
+                             f'leave --embed_fq out')
+        notes.append(f'--embed_fq={embed_fq}: the network takes {_coordinate_input(info)}, as detected from its '
+                     f'channels; nothing to change')
+    return notes
+
+
+# ----------------------------------------------------------------------------
+# The region a sample covers (docs/DESIGN.md section 2, "Sampling a region").
 
 
 def sampling_resolution(net, resolution=None):
@@ -63,17 +110,99 @@ def sampling_resolution(net, resolution=None):
     return int(recorded if recorded is not None else resolution)
 
 
+def input_multiple(net):
+    """What the sides of `net`'s input must be multiples of: 2^(halvings of its
+    UNet), read from the UNet (`num_levels`, or EDM's `<res>x<res>_down` encoder
+    blocks); 1 for networks of another structure."""
+    model = getattr(net, 'model', None)
+    levels = getattr(model, 'num_levels', None)
+    if levels is not None:
+        return 2 ** (int(levels) - 1)
+    encoder = getattr(model, 'enc', None)
+    if isinstance(encoder, torch.nn.ModuleDict):
+        return 2 ** sum(1 for name in encoder if name.endswith('_down') and '_aux_' not in name)
+    return 1
+
+
+def sampling_region(net, resolution=None, image_size=None, x_start=0, y_start=0):
+    """The square to sample: EasyDict(size S, top, left, frame R).
+
+    An S x S sample whose top-left pixel sits at column x_start, row y_start
+    of an R x R coordinate frame, R = `resolution` (default: the network's);
+    its coordinates are patch_grid(top=y_start, left=x_start, S, R), past
+    [-1, 1] where the square leaves the frame. S defaults to R. In the
+    network's pixels (latent pixels for a latent model). For networks without
+    coordinates only S may be set (R is then just the default S, and must
+    agree with a recorded resolution). ValueError for values that cannot work.
+    """
+    info = network_info(net)
+    for name, value in (('--x_start', x_start), ('--y_start', y_start)):
+        if int(value) != value or value < 0:
+            raise ValueError(f'{name}={value} must be a non-negative integer (a pixel column or row of the frame)')
+    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+        raise ValueError(f'--image_size={image_size} must be a positive integer')
+    if resolution is not None and (int(resolution) != resolution or resolution < 1):
+        raise ValueError(f'--resolution={resolution} must be a positive integer')
+    if info.coordinates:
+        frame = resolution if resolution is not None else info.img_resolution
+        if frame is None:
+            raise ValueError('The network does not record its resolution; give its coordinate frame with --resolution')
+        if frame < 2:
+            raise ValueError(f'--resolution={frame}: the coordinate frame needs 2 pixels or more '
+                             f'(coordinates are (i / (resolution - 1) - 0.5) * 2)')
+    else:
+        if x_start or y_start:
+            raise ValueError(f'--x_start={x_start} --y_start={y_start}: this network takes no coordinates, so a '
+                             f'position has no meaning; leave them out (--image_size sets the size)')
+        if resolution is not None and info.img_resolution is not None and resolution != info.img_resolution:
+            raise ValueError(f'--resolution={resolution} contradicts the network\'s resolution '
+                             f'{info.img_resolution}: it takes no coordinates, so there is no frame to change; '
+                             f'leave --resolution out and set the size with --image_size')
+        if image_size is None and resolution is None and info.img_resolution is None:
+            raise ValueError('The network does not record its resolution; give the size with --resolution '
+                             '(or --image_size)')
+        frame = resolution if resolution is not None else info.img_resolution
+    size = int(image_size if image_size is not None else frame)
+    multiple = input_multiple(net)
+    if size % multiple:
+        lower = size // multiple * multiple
+        works = ' or '.join(str(s) for s in (lower, lower + multiple) if s)
+        raise ValueError(f'--image_size={size}: this network\'s UNet halves its input {multiple.bit_length() - 1} '
+                         f'times, so the side must be a multiple of {multiple}, such as {works}')
+    return dnnlib.EasyDict(size=size, top=int(y_start), left=int(x_start), frame=None if frame is None else int(frame))
+
+
+# ----------------------------------------------------------------------------
+# The denoiser.
+
+
+def official_pos_embedding(grid, num_freqs):
+    """The official code's sin/cos embedding of coordinates (its --embed_fq):
+    grid [N, 2, H, W] -> [N, 4 num_freqs, H, W], for f = 2^0 .. 2^(num_freqs - 1)
+    the channels sin(f grid), cos(f grid) (2 each); no raw grid, no pi.
+    Multiplying by a power of two is exact, so the float32 values are the
+    official code's."""
+    features = []
+    for k in range(num_freqs):
+        scaled = grid * float(2 ** k)
+        features += [scaled.sin(), scaled.cos()]
+    return torch.cat(features, dim=1)
+
+
 class Denoiser:
     """denoise(x, sigma) -> float64 D(x; sigma) of a network, for the samplers.
 
-    Calls the network in float32 with its convention's arguments: the full
-    coordinate grid for coordinate networks, `class_labels` [N, label_dim]
-    (None: the network's default) and classifier-free guidance
-    D = D_uncond + w (D_cond - D_uncond), the unconditional branch with
-    all-zero labels; w = 1 makes the conditional call only.
+    Calls the network in float32 with its convention's arguments: for
+    coordinate networks the coordinates of `region` (EasyDict(top, left,
+    frame), see `sampling_region`; None: the full grid of the input), the
+    official networks' embedded ones as their generate.py embeds them;
+    `class_labels` [N, label_dim] (None: the network's default) and
+    classifier-free guidance D = D_uncond + w (D_cond - D_uncond), the
+    unconditional branch with all-zero labels; w = 1 makes the conditional
+    call only.
     """
 
-    def __init__(self, net, class_labels=None, guidance=1.0):
+    def __init__(self, net, class_labels=None, guidance=1.0, region=None):
         info = network_info(net)
         if guidance != 1 and not info.label_dim:
             raise ValueError(f'Guidance (cfg={guidance}) needs a class-conditional network; this one has '
@@ -84,23 +213,31 @@ class Denoiser:
         self.info = info
         self.class_labels = class_labels
         self.guidance = float(guidance)
+        self.region = region
         self.sigma_min = net.sigma_min
         self.sigma_max = net.sigma_max
-        self._grid = None
+        self._pos = None
 
     def round_sigma(self, sigma):
         return self.net.round_sigma(sigma)
 
     def _coordinates(self, x):
-        """The full grid [N, 2, R, R] float32 for x [N, C, R, R], or None."""
+        """The coordinate input [N, 2 or 4 embed_fq, S, S] float32 for x [N, C, S, S], or None."""
         if not self.info.coordinates:
             return None
         n, _, height, width = x.shape
         assert height == width, 'coordinate networks sample square images'
         key = (n, height, x.device)
-        if self._grid is None or self._grid[0] != key:
-            self._grid = (key, full_grid(height, n, x.device, torch.float32))
-        return self._grid[1]
+        if self._pos is None or self._pos[0] != key:
+            top, left, frame = (0, 0, height) if self.region is None else (
+                self.region.top, self.region.left, self.region.frame)
+            corner = torch.zeros(1, dtype=torch.long, device=x.device)
+            pos = patch_grid(corner + top, corner + left, height, frame)                # [1, 2, S, S]
+            if self.info.embed_fq:
+                pos = official_pos_embedding(pos, self.info.embed_fq)
+            # One image's input, repeated: image k's input never depends on the batch (docs/DESIGN.md section 1).
+            self._pos = (key, pos.repeat(n, 1, 1, 1))
+        return self._pos[1]
 
     def _call_net(self, x, sigma, class_labels):
         if self.info.convention == 'edm':
@@ -108,7 +245,7 @@ class Denoiser:
         return self.net(x, sigma, self._coordinates(x), class_labels)
 
     def __call__(self, x, sigma):
-        """x [N, C, R, R], sigma scalar or [N] -> D(x; sigma) float64 [N, C, R, R]."""
+        """x [N, C, S, S], sigma scalar or [N] -> D(x; sigma) float64 [N, C, S, S]."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
         with torch.no_grad():
@@ -119,6 +256,6 @@ class Denoiser:
         return D_uncond + self.guidance * (D_cond - D_uncond)
 
 
-def make_denoiser(net, class_labels=None, guidance=1.0):
-    """The `Denoiser` of `net` with these labels [N, label_dim] and guidance weight w."""
-    return Denoiser(net, class_labels, guidance)
+def make_denoiser(net, class_labels=None, guidance=1.0, region=None):
+    """The `Denoiser` of `net` with these labels [N, label_dim], guidance weight w and region."""
+    return Denoiser(net, class_labels, guidance, region)

@@ -7,7 +7,7 @@ import torch
 
 from torch_utils import distributed as dist
 from training import image_io, latents, samplers
-from training.denoiser import make_denoiser, network_info, sampling_resolution
+from training.denoiser import make_denoiser, network_info, sampling_region
 
 # ----------------------------------------------------------------------------
 # Per-seed random numbers.
@@ -90,45 +90,64 @@ def _check_labels(label_dim, class_idx, cfg):
 
 
 def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=None, resolution=None,
-                    rank=None, world_size=None, latent=None, **sampler_kwargs):
+                    image_size=None, x_start=0, y_start=0, rank=None, world_size=None, latent=None,
+                    **sampler_kwargs):
     """Sample the images of `seeds` that fall to this rank, batch by batch.
 
     net: a network of any convention, on `device` (default: the network's
     device); batch_size: the most images per batch; class_idx: fixed class
     (None: random per seed, for conditional networks); cfg: guidance
-    weight w (1 = off); resolution: only for networks that do not record it
-    (for a latent model, the latent resolution); rank, world_size: default
-    torch_utils.distributed's; latent: for a latent model, the metadata
-    {vae, scale_factor, image_resolution (optional)} of its VAE (a
-    snapshot's 'latent' entry; see training.latents.generation_latent):
-    samples are decoded to pixels with that VAE, loaded now; sampler_kwargs:
-    see `samplers.select_sampler`. Arguments are checked at the call (ValueError).
+    weight w (1 = off); resolution, image_size, x_start, y_start: the region,
+    an image_size square at column x_start, row y_start of a resolution x
+    resolution coordinate frame (default: the network's whole image; see
+    `denoiser.sampling_region`), in the network's pixels (for a latent model,
+    latent pixels); rank, world_size: default torch_utils.distributed's;
+    latent: for a latent model, the metadata {vae, scale_factor,
+    image_resolution (optional)} of its VAE (a snapshot's 'latent' entry; see
+    training.latents.generation_latent): samples are decoded to pixels with
+    that VAE, loaded now; sampler_kwargs: see `samplers.select_sampler`.
+    Arguments are checked at the call (ValueError).
 
-    Returns an iterator of (batch_seeds list[int], images uint8 [n, C, R, R]
-    on device), decoded images [n, 3, R, R] for latent models; image k
-    depends only on seeds[k] and the settings.
+    Returns an iterator of (batch_seeds list[int], images uint8 [n, C, S, S]
+    on device), decoded images [n, 3, f S, f S] for latent models (f: the
+    VAE's downsampling factor); image k depends only on seeds[k] and the
+    settings.
     """
     info = network_info(net)
-    resolution = sampling_resolution(net, resolution)
+    region = sampling_region(net, resolution, image_size, x_start, y_start)
     _check_labels(info.label_dim, class_idx, cfg)
     sampler, sampler_kwargs = samplers.select_sampler(**sampler_kwargs)
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size
     batches = rank_batches(list(seeds), batch_size, rank, world_size)
     device = _module_device(net) if device is None else torch.device(device)
-    shape = [info.img_channels, resolution, resolution]
+    shape = [info.img_channels, region.size, region.size]
     decode = image_io.to_uint8
     if latent is not None:
+        latent = _latent_of_size(latent, region.size, info.img_resolution)
         decode = latents.pixel_decoder(latent, info.img_channels, device)
-    return _generate_batches(net, info, batches, shape, class_idx, cfg, device, sampler, sampler_kwargs, decode)
+    return _generate_batches(net, info, batches, shape, class_idx, cfg, region, device, sampler, sampler_kwargs,
+                             decode)
 
 
-def _generate_batches(net, info, batches, shape, class_idx, cfg, device, sampler, sampler_kwargs, decode):
+def _latent_of_size(latent, size, latent_resolution):
+    """`latent` with its recorded image_resolution scaled from the network's
+    latent_resolution to a size x size sample (dropped if not a whole number)."""
+    recorded = latent.get('image_resolution')
+    if recorded is None or latent_resolution is None or size == latent_resolution:
+        return latent
+    scaled = {key: value for key, value in latent.items() if key != 'image_resolution'}
+    if recorded * size % latent_resolution == 0:
+        scaled['image_resolution'] = recorded * size // latent_resolution
+    return scaled
+
+
+def _generate_batches(net, info, batches, shape, class_idx, cfg, region, device, sampler, sampler_kwargs, decode):
     for batch_seeds in batches:
         rnd = StackedRandomGenerator(device, batch_seeds)
         noise = rnd.randn([len(batch_seeds), *shape], device=device)
         class_labels = random_class_labels(rnd, info.label_dim, len(batch_seeds), class_idx, device)
-        denoise = make_denoiser(net, class_labels, cfg)
+        denoise = make_denoiser(net, class_labels, cfg, region)
         samples = sampler(denoise, noise, rnd.randn_like, **sampler_kwargs)
         yield batch_seeds, decode(samples)
 

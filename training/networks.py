@@ -121,8 +121,9 @@ class Conv2d(torch.nn.Module):
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         if self.fused_resample and w is not None and self.up:
-            x = _upsample(x, f, padding=w_pad + f_pad)
-            x = torch.nn.functional.conv2d(x, w)
+            # The padding is shared out between the two passes so that H' = 2H, as EDM does.
+            x = _upsample(x, f, padding=max(f_pad - w_pad, 0))
+            x = torch.nn.functional.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and w is not None and self.down:
             x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad)
             x = _downsample(x, f, padding=0)
@@ -646,12 +647,14 @@ def patch_grid(top, left, size, resolution, dtype=torch.float32):
     """Coordinate grids of P x P patches whose top-left corners are (top, left).
 
     top, left: integer tensors [N]. Returns [N, 2, P, P]: channel 0 is x
-    (column), channel 1 is y (row), in full-image coordinates in [-1, 1].
-    Computed in float64 and rounded once, so the values equal the formula.
+    (column), channel 1 is y (row), in full-image coordinates (in [-1, 1]
+    inside the R x R frame). The integer indices go through the formula in
+    float32 arithmetic, exactly as the official Patch Diffusion code computes
+    them, so its networks see the same bits here (docs/DESIGN.md section 2).
     """
     offsets = torch.arange(size, device=top.device)
-    rows = coordinate_values((top[:, None] + offsets).to(torch.float64), resolution).to(dtype)    # [N, P]
-    cols = coordinate_values((left[:, None] + offsets).to(torch.float64), resolution).to(dtype)   # [N, P]
+    rows = coordinate_values(top[:, None] + offsets, resolution).to(dtype)    # [N, P]; int64 / int -> float32
+    cols = coordinate_values(left[:, None] + offsets, resolution).to(dtype)   # [N, P]
     x = cols[:, None, :].expand(-1, size, -1)
     y = rows[:, :, None].expand(-1, -1, size)
     return torch.stack([x, y], dim=1)
@@ -716,8 +719,12 @@ class _Precond(torch.nn.Module):
         for a use_pos model; class_labels: [N, label_dim] (None = zeros, i.e.
         unconditional; ignored when label_dim == 0); augment_labels:
         [N, augment_dim] or None. The UNet runs in fp16 when use_fp16, not
-        force_fp32 and x is on CUDA.
+        force_fp32 and x is on CUDA. A network without coordinates
+        (use_pos=False) also takes EDM's call net(x, sigma, class_labels),
+        so EDM's own generate.py samples it.
         """
+        if not self.use_pos and pos is not None and pos.ndim == 2 and class_labels is None:
+            class_labels, pos = pos, None   # EDM's call net(x, sigma, class_labels) of a network without coordinates
         x = x.to(torch.float32)
         sigma = self._sigma_column(sigma, x)
         class_labels = self._class_labels(class_labels, x)

@@ -10,7 +10,8 @@ Conventions
   full-image batch, so the pixels per step are (R/P) * P^2 = R * P, at most
   those of a full step. This reproduces the official table at R = 64
   (32 -> 2x, 16 -> 4x) and holds at every power-of-two resolution.
-- Image accounting: a step adds batch * E[m] images to the progress counter.
+- Image accounting: a step adds the images it used, batch * m(P), to the
+  progress counter (batch * E[m] on average).
 - The smallest patch is never below PATCH_FLOOR pixels; a resolution too
   small for the requested sizes is an error.
 - Coordinates: channel 0 = x (column), channel 1 = y (row) of each patch
@@ -79,9 +80,11 @@ class PatchSchedule:
 
     def draw(self, step, progress=0.0):
         """Patch size of training step `step`; `progress` in [0, 1] is the
-        fraction of training done (used by the progressive schedule)."""
+        fraction of the training images seen before the step (used by the
+        progressive schedule: the first size whose cumulative share is >= the
+        progress, as the official code switches)."""
         if self.progressive:
-            index = int(np.searchsorted(self._cum_probs, progress, side='right'))
+            index = int(np.searchsorted(self._cum_probs, progress, side='left'))
         else:
             u = np.random.default_rng([self.seed, int(step)]).random()
             index = int(np.searchsorted(self._cum_probs, u * self._cum_probs[-1], side='right'))

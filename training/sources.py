@@ -212,7 +212,8 @@ def _limit(count, max_images):
 
 
 def open_image_folder(path, max_images=None, channels=None):
-    """All images under `path` (recursive, sorted by relative path), labels from dataset.json."""
+    """All images under `path` (recursive, sorted by path components as EDM's tool sorts them: a/b.png
+    before a-c.png), labels from dataset.json."""
     names = []
     for root, dirs, files in os.walk(path):
         dirs[:] = [d for d in dirs if not d.startswith('.')]
@@ -220,7 +221,7 @@ def open_image_folder(path, max_images=None, channels=None):
             rel = os.path.relpath(os.path.join(root, fname), path).replace(os.sep, '/')
             if _is_image_name(rel):
                 names.append(rel)
-    names.sort()
+    names.sort(key=lambda name: name.split('/'))
     meta = os.path.join(path, 'dataset.json')
     labels_text = None
     if os.path.isfile(meta):

@@ -3,7 +3,7 @@
 One step (`Trainer.step`):
   1. Every rank draws the SAME patch size P for the step (seeded by seed and
      step), so ranks do equal work; the batch multiplier m = R / P.
-  2. Each accumulation round loads m * batch_gpu full images, augments them
+  2. Each accumulation round loads its share of the step's m * batch images, augments them
      (before cropping, so coordinates stay true), crops one random P x P
      patch per image with its coordinate grid, and backpropagates the loss,
      normalised per image. --batch-gpu bounds the pixels of a round, not its
@@ -14,7 +14,7 @@ One step (`Trainer.step`):
      zeroed silently); too many stop the run.
   4. Adam with learning-rate ramp-up, then an EMA update with a half-life in
      images and ramp-up.
-The progress counter adds batch * E[m] images per step. All randomness of a
+The progress counter adds the images each step used, batch * m(P). All randomness of a
 step comes from generators seeded by (seed, rank, step), so a resumed run
 continues exactly as if it had never stopped.
 
@@ -136,8 +136,10 @@ class Trainer:
         self.schedule = patching.PatchSchedule(resolution, patch_kwargs.get('real_p', 1.0),
                                                latent=self.encoder is not None,
                                                progressive=patch_kwargs.get('progressive', False), seed=seed)
-        self.nimg_per_step = batch_size * self.schedule.expected_multiplier   # image accounting, DESIGN section 2
+        self.batch_size = batch_size
+        self.nimg_per_step = batch_size * self.schedule.expected_multiplier   # images per step on average
         self.total_nimg = max(int(total_kimg * 1000), 1)
+        self.cur_nimg = 0   # images trained on: each step adds batch * m(P) (docs/DESIGN.md section 2)
 
         torch.manual_seed(seed)   # the same initial weights on every rank and in every run with this seed
         self.net = build_network(network_kwargs, resolution, channels, self.dataset.label_dim)
@@ -148,10 +150,10 @@ class Trainer:
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = build_loss(loss_kwargs)
         self.augment_pipe = AugmentPipe(**augment_kwargs) if augment_kwargs else None
-        # Fused Adam skips a step with non-finite gradients on the device (found_inf) and
-        # undoes the loss scaling (grad_scale) in its kernel: the step never waits for the device.
+        # Fused Adam skips a step with non-finite gradients on the device (found_inf): the step never
+        # waits for the device. As in EDM, Adam sees the gradients of the scaled loss (--ls), which
+        # leaves the update as it is but divides the effective epsilon by the loss scale.
         self.optimizer = torch.optim.Adam(self.net.parameters(), fused=True, **optimizer_kwargs)
-        self.optimizer.grad_scale = torch.full((), float(loss_scaling), device=device) if loss_scaling != 1 else None
         self._bad_steps = torch.zeros((), dtype=torch.int64, device=device)
         self._last_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.base_lr = optimizer_kwargs['lr']
@@ -191,38 +193,34 @@ class Trainer:
         group = max(g for g in range(1, min(m, self.num_rounds) + 1) if self.num_rounds % g == 0)
         return self.num_rounds // group, m * group
 
-    def nimg_at(self, step):
-        """Images counted after `step` steps: step * batch * E[m]."""
-        return int(round(step * self.nimg_per_step))
-
-    @property
-    def cur_nimg(self):
-        return self.nimg_at(self.step_count)
-
     def start_data(self, consumed=0):
         """(Re)start the data stream after `consumed` images of this rank."""
         self.batches = _Batches(self.dataset, self.batch_gpu, self.seed, consumed, self.data_loader_kwargs)
 
     def state_dict(self):
         return dict(net=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
-                    step=self.step_count, consumed=self.batches.consumed if self.batches else 0, seed=self.seed)
+                    step=self.step_count, nimg=self.cur_nimg, consumed=self.batches.consumed if self.batches else 0,
+                    seed=self.seed)
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state['net'])
         self.ema.load_state_dict(state['ema'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.step_count = int(state['step'])
+        # States written before images were counted per step hold no 'nimg': step * batch * E[m] then.
+        self.cur_nimg = int(state['nimg']) if 'nimg' in state else int(round(self.step_count * self.nimg_per_step))
         self.start_data(int(state['consumed']))
 
     def step(self):
         """One optimizer step. Returns the patch size it used."""
         if self.batches is None:
             self.start_data()
-        step, device = self.step_count, self.device
+        step, device, nimg = self.step_count, self.device, self.cur_nimg   # nimg: images before this step
         torch.manual_seed(step_seed(self.seed, self.rank, step))
         corner_gen = torch.Generator().manual_seed(step_seed(self.seed + 1, self.rank, step))
-        P = self.schedule.draw(step, self.cur_nimg / self.total_nimg)   # the same on every rank
+        P = self.schedule.draw(step, nimg / self.total_nimg)   # the same on every rank
         m = self.schedule.multiplier(P)
+        step_nimg = self.batch_size * m
         self.optimizer.zero_grad(set_to_none=True)
         rounds, batches_per_round = self.round_plan(m)
         for round_idx in range(rounds):
@@ -249,7 +247,7 @@ class Trainer:
             found_inf = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().logical_not()
             lr = self.base_lr
             if self.lr_rampup_kimg:
-                lr *= min(self.nimg_at(step) / (self.lr_rampup_kimg * 1000), 1)
+                lr *= min(nimg / (self.lr_rampup_kimg * 1000), 1)
             for group in self.optimizer.param_groups:
                 group['lr'] = lr
             self.optimizer.found_inf = found_inf.to(torch.float32)
@@ -259,12 +257,13 @@ class Trainer:
         self._bad_steps += found_inf
         self._last_bad_step = torch.where(found_inf, step, self._last_bad_step)
         self.step_count += 1
+        self.cur_nimg = nimg + step_nimg
 
-        # EMA with a half-life in images and ramp-up.
+        # EMA with a half-life in images, ramped up by the images before the step (as EDM).
         halflife_nimg = self.ema_halflife_kimg * 1000
         if self.ema_rampup_ratio is not None:
-            halflife_nimg = min(halflife_nimg, self.cur_nimg * self.ema_rampup_ratio)
-        ema_beta = 0.5 ** (self.nimg_per_step / max(halflife_nimg, 1e-8))
+            halflife_nimg = min(halflife_nimg, nimg * self.ema_rampup_ratio)
+        ema_beta = 0.5 ** (step_nimg / max(halflife_nimg, 1e-8))
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - ema_beta)
             for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
@@ -305,10 +304,11 @@ def training_loop(
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False   # as EDM (matters for --fp16)
 
     dist.print0('Loading dataset and constructing network...')
     trainer = Trainer(device=device, **trainer_kwargs)
-    dist.print0(f'Patch sizes: {trainer.schedule.describe()}; images counted per step {trainer.nimg_per_step:g}')
+    dist.print0(f'Patch sizes: {trainer.schedule.describe()}; images per step {trainer.nimg_per_step:g} on average')
     if dist.get_rank() == 0:
         _print_network_summary(trainer)
     cur_tick = _start(trainer, transfer_pkl, resume_state)
@@ -402,7 +402,9 @@ class _TickReporter:
         trainer, device = self.trainer, self.device
         self.tick_end_time = now = time.time()
         cur_nimg, tick_time = trainer.cur_nimg, now - self.tick_start_time
-        bad_steps = int(dist.all_reduce_sum(torch.tensor([float(trainer.bad_steps)], device=device)).item())
+        # Every rank sees the same (all-reduced) gradients, so every rank counts the same bad steps.
+        bad_steps = int(dist.all_reduce_sum(torch.tensor([float(trainer.bad_steps)], device=device)).item()
+                        // dist.get_world_size())
         training_stats.report0('Progress/tick', cur_tick)
         training_stats.report0('Progress/kimg', cur_nimg / 1e3)
         training_stats.report0('Progress/bad_steps', bad_steps)
