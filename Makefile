@@ -1,10 +1,14 @@
 # The two set-up-and-run commands of the README:
-#   make demo   create .venv, install, build the demo data, train, sample (CPU, minutes)
-#   make test   create .venv, install, run the test suite
+#   make demo   create .venv, install the project, build the demo data, train, sample (CPU, minutes)
+#   make test   create .venv, install the project with its dev and latent extras, run the test suite
+# PYTHON: the interpreter that makes .venv (Python 3.10 or newer, as pyproject.toml requires).
+# VENV=none: no virtual environment and no installing: run with $(PYTHON) as it is (the Docker image
+# sets this; its environment has everything).
+# TORCH_SPEC: the torch installed into a new .venv when none is importable there (the version tested
+# here; pyproject.toml states the supported range).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-PY := $(VENV)/bin/python
 DEMO_DIR ?= demo-run
 DEMO_DATA ?= datasets/demo-shapes-32x32.zip
 # A 0.43M-parameter DDPM++ on 32x32 patches of the demo shapes, 100 kimg: ~8.5 minutes on 2 CPU cores
@@ -20,21 +24,36 @@ DEMO_TRAIN_FLAGS ?= --arch=ddpmpp --cbase=16 --cres=1,2,2 --blocks=2 --attn=none
 # than the deterministic sampler from the same 100-kimg network.
 DEMO_SAMPLE_FLAGS ?= --steps=32 --S_churn=10 --S_min=0.05 --S_max=50 --S_noise=1.003
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv venv-dev clean
+
+ifeq ($(VENV),none)
+PY := $(PYTHON)
+venv venv-dev:
+	@$(PY) -c "import torch" || (echo "VENV=none: $(PY) has no torch; install the project first" >&2; exit 1)
+else
+PY := $(VENV)/bin/python
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Install torch first when none is importable (an open range would pull a multi-GB CUDA build).
+# What the demo needs: torch (first, when none is importable: an open range would pull a multi-GB
+# CUDA build), then the project and its dependencies.
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# What the tests need besides: the dev and latent extras.
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev,latent]"
 	touch $@
 
 venv: $(VENV)/.installed
+venv-dev: $(VENV)/.installed-dev
+endif
 
-test: venv
+test: venv-dev
 	$(PY) -m pytest -q tests
 
 demo: venv
@@ -45,4 +64,4 @@ demo: venv
 	@echo "Demo samples: $(DEMO_DIR)/samples/grid.png (training data: $(DEMO_DATA))"
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_DATA)
+	rm -rf $(filter-out none,$(VENV)) $(DEMO_DIR) $(DEMO_DATA)

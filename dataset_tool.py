@@ -18,7 +18,7 @@ import re
 import click
 
 import dnnlib
-from training import latents
+from training import demo_data, latents
 from training.archive import CHANNELS, TRANSFORMS, convert_dataset, encode_dataset
 
 
@@ -45,10 +45,11 @@ _CONVERT_OPTIONS = [
     click.option('--source', metavar='PATH', type=str, help='Input: folder, .zip, cifar-10-python.tar.gz, '
                  'train-images-idx3-ubyte.gz (or its folder), *_lmdb folder, or demo:shapes[:N]  [required]'),
     click.option('--dest', metavar='PATH', type=str, help='Output: NAME.zip or a new folder  [required]'),
-    click.option('--max-images', metavar='INT', type=int, help='Write at most this many images'),
+    click.option('--max-images', '--max_images', 'max_images', metavar='INT', type=int,
+                 help='Write at most this many images  [default: all]'),
     click.option('--transform', type=click.Choice(TRANSFORMS), help='Crop mode for non-square inputs'),
     click.option('--resolution', metavar='WxH', callback=parse_resolution,
-                 help='Output size, e.g. 64x64 (demo:shapes default 32x32)'),
+                 help=f'Output size, e.g. 64x64  [default: the input size; demo:shapes {demo_data.DEFAULT_RESOLUTION}x{demo_data.DEFAULT_RESOLUTION}]'),
     click.option('--channels', type=click.Choice(CHANNELS), default='auto', show_default=True,
                  callback=parse_channels, help='Output channels: 3 = RGB, 1 = grayscale, auto = RGB under '
                  '--transform (as EDM), else grayscale only if every input is'),
@@ -121,7 +122,7 @@ def convert(**opts):
     W:H and k times that size comes out squeezed k times horizontally.
     Inputs with w < W or wider than about W:H are skipped.
 
-    
+    \b
     Channels (--channels):
       auto  under --transform RGB, as in EDM; without it, grayscale stays
             1 channel unless some input is colour
@@ -133,7 +134,7 @@ def convert(**opts):
     _run_convert(**opts)
 
 
-@cli.command()
+@cli.command(short_help='Encode images once with a VAE for latent training.')
 @convert_options
 @click.option('--vae', metavar='ID|DIR', type=str, default=None,
               help='VAE: Hugging Face hub id or AutoencoderKL.save_pretrained folder  '
@@ -145,7 +146,7 @@ def convert(**opts):
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True,
               help='Images per VAE call')
 @click.option('--device', metavar='STR', type=str, default=None,
-              help='Device  [default: cuda if available, else cpu]')
+              help='cpu, cuda or cuda:N  [default: cuda if available, else cpu]')
 @dnnlib.util.debug_option
 @dnnlib.util.cli_errors
 def encode(source, dest, **opts):

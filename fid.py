@@ -18,8 +18,12 @@ from training import metrics
 
 def _run(fn, **kwargs):
     """Set up the processes, run fn, and turn user errors into one-line click errors."""
+    device = kwargs.pop('device')
     try:
-        dist.init(kwargs.pop('device'))
+        try:
+            dist.init(device)
+        except RuntimeError as err:
+            raise ValueError(f'--device={device}: {dnnlib.util.one_line(err)}') from None
         fn(**kwargs)
     except (ValueError, OSError, RuntimeError) as err:
         raise click.ClickException(dnnlib.util.one_line(err)) from None
@@ -30,8 +34,8 @@ def _run(fn, **kwargs):
 def _common_options(fn):
     options = [
         click.option('--batch', help='Images per batch and process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
-        click.option('--detector', help='Feature detector, a TorchScript .pt or a network pickle .pkl  [default: Inception-v3 of EDM]', metavar='PATH|URL', type=str),
-        click.option('--device', help='Device  [default: cuda if available, else cpu]', type=click.Choice(['cpu', 'cuda'])),
+        click.option('--detector', help='Feature detector, a TorchScript .pt or a network pickle .pkl  [default: EDM\'s Inception-v3, downloaded once into the cache]', metavar='PATH|URL', type=str),
+        click.option('--device', help='cpu, cuda or cuda:N (under torchrun, cuda is each process\'s LOCAL_RANK GPU)  [default: cuda if available, else cpu]', metavar='STR', type=str),
         click.option('--workers', help='Data loading processes per process', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True),
     ]
     for option in reversed(options):
@@ -57,9 +61,9 @@ def main():
 @main.command()
 @click.option('--images', 'image_path', help='Folder or zip of generated images', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (from fid.py ref)', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed', help='Seed of the subset when more images are found', metavar='INT', type=int, default=0, show_default=True)
-@click.option('--allow-small', help='Use all images found if fewer than --num (quick checks; FID is biased upward)', is_flag=True)
+@click.option('--num', 'num_expected', help='Images to use: a random subset (--seed) when more are found; fewer is an error unless --allow-small', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='Seed of the random subset when more than --num images are found', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--allow-small', '--allow_small', 'allow_small', help='Use all images found if fewer than --num (quick checks; FID is biased upward)', is_flag=True)
 @_common_options
 @dnnlib.util.debug_option
 @dnnlib.util.cli_errors

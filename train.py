@@ -50,11 +50,11 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 # Hyperparameters.
 @click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=D.duration, show_default=True)
 @click.option('--batch', help='Total batch size (full images per step)', metavar='INT', type=click.IntRange(min=1), default=D.batch, show_default=True)
-@click.option('--batch-gpu', '--batch_gpu', 'batch_gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cbase', help='Channels of the first resolution (the base the --cres multipliers scale)  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cres', help='Channel multiplier per resolution, e.g. 1,2,2,2  [default: varies]', metavar='LIST', type=dnnlib.util.IntList())
-@click.option('--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--attn', help='Resolutions with self-attention, e.g. 16 or 32,16 or none  [default: varies]', metavar='LIST', type=dnnlib.util.IntList())
+@click.option('--batch-gpu', '--batch_gpu', 'batch_gpu', help='Full images per accumulation round and process (a patch step packs up to R/P rounds into one)  [default: --batch / processes]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase', help='Channels of the first resolution (the base the --cres multipliers scale)  [default: 128; adm: 192]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cres', help='Channel multiplier per resolution, e.g. 1,2,2,2  [default: 2,2,2; adm: 1,2,3,4]', metavar='LIST', type=dnnlib.util.IntList())
+@click.option('--blocks', help='Residual blocks per resolution  [default: 4; adm: 3]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--attn', help='Resolutions with self-attention, e.g. 16 or 32,16 or none  [default: 16; adm: 32,16,8]', metavar='LIST', type=dnnlib.util.IntList())
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=D.lr, show_default=True)
 @click.option('--P_mean', '--P-mean', 'P_mean', help='EDM loss: mean of ln(sigma)  [default: -1.2]', metavar='FLOAT', type=float)
 @click.option('--P_std', '--P-std', 'P_std', help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
@@ -74,8 +74,8 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=D.bench, show_default=True)
 @click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=D.cache, show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=D.workers, show_default=True)
-@click.option('--device', help='cuda, cuda:N or cpu  [default: cuda if available]', metavar='STR', type=str)
-@click.option('--max-bad-steps', 'max_bad_steps', help='Stop at the end of a tick once more than N steps had non-finite gradients (they are skipped)', metavar='INT', type=click.IntRange(min=0), default=D.max_bad_steps, show_default=True)
+@click.option('--device', help='cpu, cuda or cuda:N (under torchrun, cuda is each process\'s LOCAL_RANK GPU)  [default: cuda if available, else cpu]', metavar='STR', type=str)
+@click.option('--max-bad-steps', '--max_bad_steps', 'max_bad_steps', help='Stop at the end of a tick once more than N steps had non-finite gradients (they are skipped)', metavar='INT', type=click.IntRange(min=0), default=D.max_bad_steps, show_default=True)
 # I/O-related.
 @click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
@@ -87,10 +87,10 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--metrics', help='Metric to compute at each snapshot', type=click.Choice(['fid']))
 @click.option('--metric-ref', '--metric_ref', 'metric_ref', help='FID reference statistics for --metrics', metavar='NPZ|URL', type=str)
 @click.option('--metric-num', '--metric_num', 'metric_num', help='Images generated for --metrics', metavar='INT', type=click.IntRange(min=2), default=D.metric_num, show_default=True)
-@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--seed', help='Random seed  [default: random; a resumed run keeps its own]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--transfer', help='Transfer learning from a network snapshot', metavar='PKL|SAFETENSORS|URL', type=str)
-@click.option('--resume', help='Resume from previous training state', metavar='PT', type=str)
-@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+@click.option('--resume', help='Resume from this training state (training-state-*.pt) in a new run folder; without it, the same command resumes its own run', metavar='PT', type=str)
+@click.option('-n', '--dry-run', '--dry_run', 'dry_run', help='Print the resolved options and the run folder, and whether the run would resume, then exit', is_flag=True)
 @dnnlib.util.debug_option
 @dnnlib.util.cli_errors
 def main(**kwargs):
@@ -173,6 +173,11 @@ def train(opts, device):
         dist.print0(f'Restarting run {c.run_dir} from the beginning: it has no training state yet.')
     if resumed is not None and resumed.changed:
         dist.print0(f'Continuing with changed options: {runs.describe_differences(resumed.changed)}.')
+    fp16_note = None
+    if opts.fp16 and not config.fp16_applies(device):
+        fp16_note = (f'Note: --fp16=1 has no effect on {device}: the network runs in fp32 there (--bf16=1 is '
+                     f'reduced precision on CPU too).')
+        dist.print0(fp16_note)
     if cli.dry_run:
         dist.print0('Dry run; exiting.')
         return
@@ -181,9 +186,8 @@ def train(opts, device):
     new_folders = [d for d in dict.fromkeys([c.run_dir, cli.outdir]) if not os.path.isdir(d)]
     write_options = resumed is None or bool(resumed.changed)
     logger = dist.run_on_rank0(lambda: runs.prepare_run_dir(c, write_options))
-    if opts.fp16 and not config.fp16_applies(device):
-        dist.print0(f'Note: --fp16=1 has no effect on {device}: the network runs in fp32 there (--bf16=1 is '
-                    f'reduced precision on CPU too).')
+    if fp16_note is not None:
+        dist.print0(fp16_note)   # again, now that the console goes to log.txt too
     failed = True
     try:
         training_loop(**c)

@@ -16,6 +16,14 @@
 # On an H100 the steps took 119 (tests), 52, 82, 61 and ~135 s: ~460 s in all
 # with the set-up.
 #
+# 3. Only when OFFICIAL_DIR names a checkout of the official Patch Diffusion
+#    code (skipped when unset): bench_vs_official.py for gpu-paper and
+#    gpu-latent, our training and sampling against the official code's (QUICK:
+#    cpu-small only). Not yet run on a GPU; the steps above leave it no time
+#    under the default deadline, so a session that wants it raises DEADLINE_S
+#    or runs its two commands alone (docs/PERFORMANCE.md, "Side by side with
+#    the official code").
+#
 # Logs and JSON summaries go to $OUT (a new temp folder when unset); at most
 # 8 files. QUICK=1 runs the same steps on CPU with the cpu-small preset and a
 # tiny batch, gpu-latent at real_p 1 only (to check this script where there is
@@ -94,6 +102,20 @@ step latent_bf16 80 "${BENCH[@]}" "${LATENT[@]}" "${SHORT[@]}" --precision=bf16 
 if [ "$QUICK" = 0 ]; then
     step paper_bf16_compile 150 "$PY" benchmarks/bench_train.py --real-p=1 "${PAPER[@]}" --rounds=1 --block=3 --warmup=1 \
         --precision=bf16 --compile --no-flops --json="$OUT/paper_bf16_compile.json"
+fi
+
+if [ -n "${OFFICIAL_DIR:-}" ]; then
+    VS_BENCH=("$PY" benchmarks/bench_vs_official.py --official="$OFFICIAL_DIR")
+    if [ "$QUICK" = 0 ]; then
+        step official_paper 150 "${VS_BENCH[@]}" --preset=gpu-paper --data="$DATA" --workers=6 --sample-batch=64 \
+            --json="$OUT/official_paper.json"
+        step official_latent 150 "${VS_BENCH[@]}" --preset=gpu-latent --workers=2 --sample-batch=64 \
+            --json="$OUT/official_latent.json"
+    else   # cpu-small only: a CPU step of the latent ADM takes about a minute per side
+        step official_paper 60 "${VS_BENCH[@]}" --preset=cpu-small --data="$DATA" --batch=4 --device=cpu --threads=1 \
+            --rounds=1 --block=1 --warmup=0 --sample-steps=2 --sample-batch=2 --sample-rounds=1 \
+            --json="$OUT/official_paper.json"
+    fi
 fi
 
 # Everything in one log too (the JSON files are each bench's last line).

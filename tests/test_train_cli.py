@@ -308,6 +308,9 @@ def test_dry_run_prints_options_and_writes_nothing(shapes_zip, tmp_path, no_torc
     assert c['batch_size'] == 8 and c['seed'] == 3 and c['dataset_kwargs']['path'] == shapes_zip
     assert c['run_dir'] == str(outdir / '00000-shapes-32x32-uncond-ddpmpp-edm-gpus1-batch8-fp32-realp0.25')
     assert not outdir.exists()
+    fp16 = CliRunner().invoke(train.main, [f'--outdir={outdir}', f'--data={shapes_zip}', '--batch=8', '--fp16=1',
+                                           '--dry-run'] + TINY_FLAGS)
+    assert 'Note: --fp16=1 has no effect on cpu' in fp16.output and '-fp32-' in resolved_options(fp16.output)['run_dir']
 
 
 def test_edm_noise_level_distribution_flags(shapes_zip, tmp_path, no_torchrun_env):
