@@ -4,8 +4,13 @@ dispatcher): the fixed host cost of an accumulation round.
 
     python benchmarks/count_ops.py --preset=gpu-paper --precision=bf16
 
-Runs on CPU with a batch of 2 (the count does not depend on the batch or the
-device); bf16 counts under CPU autocast, which casts like CUDA autocast. The
+Runs on CPU with a batch of 2; bf16 counts under CPU autocast. A CUDA step
+differs in known places (docs/PERFORMANCE.md, "Operators per step"): on CUDA
+the network adds each convolution's bias inside the convolution (4 operators
+fewer per biased convolution), dropout is one fused operator (four on CPU),
+and autocast runs group_norm in float32 where CPU autocast takes a bfloat16
+input with float32 parameters (4 casts more per GroupNorm: its input to
+float32 and the next convolution's input back, forward and backward). The
 last line on stdout is a one-line JSON summary.
 """
 

@@ -373,18 +373,141 @@ def test_pickle_round_trip_keeps_outputs_and_config():
     assert copy.init_kwargs.pos_freqs == 1 and copy.img_channels == C and copy.use_pos
 
 
-def test_attention_gradient_matches_autograd():
-    generator = torch.Generator().manual_seed(0)
-    q = torch.randn([3, 8, 5], generator=generator, requires_grad=True)
-    k = torch.randn([3, 8, 6], generator=generator, requires_grad=True)
-    upstream = torch.randn([3, 5, 6], generator=generator)
-    w = networks._AttentionWeights.apply(q, k)
-    dq, dk = torch.autograd.grad((w * upstream).sum(), [q, k])
-    w_ref = torch.einsum('ncq,nck->nqk', q, k / np.sqrt(8)).softmax(dim=2)
-    dq_ref, dk_ref = torch.autograd.grad((w_ref * upstream).sum(), [q, k])
-    torch.testing.assert_close(w, w_ref)
-    torch.testing.assert_close(dq, dq_ref)
-    torch.testing.assert_close(dk, dk_ref)
+def naive_attention(block, x):
+    """EDM's attention of a UNetBlock, written out: per head softmax_k(q^T k / sqrt(C_h)) v in float64,
+    with EDM's qkv channel layout [heads, C_h, 3], then proj, the residual and skip_scale."""
+    n, c, h, w = x.shape
+    heads = block.num_heads
+    qkv = block.qkv(block.norm2(x)).double().reshape(n * heads, c // heads, 3, h * w)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                          # [N*heads, C_h, HW]
+    weights = torch.softmax(torch.einsum('ncq,nck->nqk', q, k) / np.sqrt(c // heads), dim=2)
+    a = torch.einsum('nqk,nck->ncq', weights, v).reshape(n, c, h, w).float()
+    return (block.proj(a) + x) * block.skip_scale
+
+
+@pytest.mark.parametrize('heads', [1, 2])
+def test_attention_equals_naive_softmax_attention(heads):
+    """scaled_dot_product_attention in UNetBlock._attention: the same values and gradients as the naive
+    softmax(q^T k / sqrt(C_h)) v on EDM's channel layout, for one and several heads."""
+    torch.manual_seed(0)
+    block = networks.UNetBlock(16, 16, 8, attention=True, num_heads=heads, skip_scale=np.sqrt(0.5), eps=1e-6,
+                               init_zero=dict(init_weight=1))
+    x = torch.randn([2, 16, 4, 4], generator=torch.Generator().manual_seed(1), requires_grad=True)
+    upstream = torch.randn([2, 16, 4, 4], generator=torch.Generator().manual_seed(2))
+    out = block._attention(x)
+    grads = torch.autograd.grad((out * upstream).sum(), [x, block.qkv.weight, block.norm2.weight])
+    ref = naive_attention(block, x)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [x, block.qkv.weight, block.norm2.weight])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, (block.proj(block.norm2(x)) + x) * block.skip_scale)   # attention did something
+
+
+@pytest.mark.parametrize('heads', [1, 2])
+def test_attention_keeps_the_memory_format(heads):
+    """A block's output has its input's memory format (contiguous, or channels-last with --channels-last),
+    so the layers after an attention block, and their dropout masks, see the layout they saw before it."""
+    torch.manual_seed(0)
+    block = networks.UNetBlock(16, 16, 8, attention=True, num_heads=heads)
+    x, emb = torch.randn([2, 16, 4, 4]), torch.randn([2, 8])
+    assert block(x, emb).is_contiguous()
+    block = block.to(memory_format=torch.channels_last)
+    out = block(x.to(memory_format=torch.channels_last), emb)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+def test_conv_bias_is_added_once_on_every_path():
+    """Conv2d's output is the convolution plus the bias, for the plain, the upsampling and the downsampling
+    layers (fused or not) and both resampling filters. (On CUDA the bias goes inside the convolution;
+    tests/test_cuda.py compares CUDA gradients with these CPU ones.)"""
+    x = torch.randn([2, 3, 8, 8], generator=torch.Generator().manual_seed(0))
+    for resample_filter in ([1, 1], [1, 3, 3, 1]):
+        for kwargs in [dict(), dict(up=True), dict(down=True), dict(up=True, fused_resample=True),
+                       dict(down=True, fused_resample=True)]:
+            torch.manual_seed(0)
+            conv = networks.Conv2d(3, 5, kernel=3, resample_filter=resample_filter, init_bias=1, **kwargs)
+            assert conv.bias.abs().min() > 0
+            out = conv(x)
+            with torch.no_grad():
+                bias, conv.bias = conv.bias, None
+                without_bias = conv(x)
+            torch.testing.assert_close(out, without_bias + bias.reshape(1, -1, 1, 1), rtol=1e-6, atol=1e-6)
+
+
+def fir_resample(x, f, up):
+    """EDM's FIR resampling by a depthwise (transposed) convolution with f [1, 1, K, K], padding (K - 1) // 2."""
+    channels, pad = x.shape[1], (f.shape[-1] - 1) // 2
+    if up:
+        return torch.nn.functional.conv_transpose2d(x, (f * 4).tile([channels, 1, 1, 1]), groups=channels, stride=2,
+                                                    padding=pad)
+    return torch.nn.functional.conv2d(x, f.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
+
+
+@pytest.mark.parametrize('up', [False, True])
+def test_box_filter_resampling_equals_the_fir_filter(up):
+    """With the [1, 1] filter (DDPM++, ADM) Conv2d resamples by average pooling / nearest-neighbour
+    upsampling: the same values and gradients as EDM's FIR filter pass; [1, 3, 3, 1] keeps the FIR pass."""
+    for resample_filter, box in (([1, 1], True), ([2, 2], True), ([1, 3, 3, 1], False), ([1, 2], False)):
+        layer = networks.Conv2d(3, 3, kernel=0, up=up, down=not up, resample_filter=resample_filter)
+        assert layer.box_resample == box
+        x = torch.randn([2, 3, 8, 8], generator=torch.Generator().manual_seed(0), requires_grad=True)
+        out = layer(x)
+        ref = fir_resample(x, layer.resample_filter, up)
+        assert out.shape == ref.shape == (2, 3, 16, 16) if up else (2, 3, 4, 4)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grad, = torch.autograd.grad((out * upstream).sum(), [x])
+        ref_grad, = torch.autograd.grad((ref * upstream).sum(), [x])
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('arch', ['ddpmpp', 'adm'])
+def test_affine_outputs_equal_each_blocks_affine_layer(arch):
+    """The UNet computes all blocks' affine(emb) in one product; each equals the block's own Linear,
+    values and gradients (of the weights and of emb)."""
+    unet = make_net('edm', arch).model
+    blocks = networks._unet_blocks(unet)
+    assert len(blocks) == sum(isinstance(m, networks.UNetBlock) for m in unet.modules())
+    emb = torch.randn([2, blocks[0].emb_channels], generator=torch.Generator().manual_seed(0), requires_grad=True)
+    together = networks._affine_outputs(blocks, emb)
+    separate = [block.affine(emb).reshape(2, -1, 1, 1) for block in blocks]
+    assert [t.shape for t in together] == [s.shape for s in separate]
+    for t, s in zip(together, separate):
+        torch.testing.assert_close(t, s, rtol=1e-6, atol=1e-6)
+    weights = [emb, blocks[0].affine.weight, blocks[-1].affine.bias]
+    loss = lambda outputs: sum((o * (i + 1)).sum() for i, o in enumerate(outputs))
+    for grad, ref_grad in zip(torch.autograd.grad(loss(together), weights), torch.autograd.grad(loss(separate), weights)):
+        # emb's gradient sums every block's contribution, in another order: float32 rounding of the largest terms
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+
+
+def test_block_with_given_affine_output_equals_block_alone():
+    """UNetBlock.forward(x, emb, params) with params = affine(emb) is the block's own forward(x, emb)."""
+    torch.manual_seed(0)
+    for adaptive_scale in (False, True):
+        block = networks.UNetBlock(8, 16, 12, attention=True, num_heads=2, adaptive_scale=adaptive_scale,
+                                   init_zero=dict(init_weight=1))
+        x, emb = torch.randn([2, 8, 4, 4]), torch.randn([2, 12])
+        params = networks._affine_outputs([block], emb)[0]
+        torch.testing.assert_close(block(x, emb, params), block(x, emb), rtol=1e-6, atol=1e-6)
+
+
+def test_group_norm_keeps_float32_parameters_under_autocast():
+    """Under autocast GroupNorm passes its float32 weight and bias as they are (EDM cast them to the input's
+    dtype, bfloat16, and CUDA autocast then casts them back to float32): the output is autocast's group_norm
+    of the float32 parameters, not of the rounded ones. Without autocast they take the input's dtype."""
+    norm = networks.GroupNorm(num_channels=32)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(32, generator=torch.Generator().manual_seed(0)) / 3)
+        norm.bias.copy_(torch.randn(32, generator=torch.Generator().manual_seed(1)) / 3)
+    x = torch.randn([2, 32, 4, 4], generator=torch.Generator().manual_seed(2)).bfloat16()
+    group_norm = lambda weight, bias: torch.nn.functional.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = norm(x)
+        assert torch.equal(out, group_norm(norm.weight, norm.bias))
+        assert not torch.equal(out, group_norm(norm.weight.bfloat16(), norm.bias.bfloat16()))
+    assert torch.equal(norm(x), group_norm(norm.weight.bfloat16(), norm.bias.bfloat16()))
 
 
 # Outputs of the EDM reference implementation (NVlabs/edm training/networks.py)

@@ -71,10 +71,8 @@ class Linear(torch.nn.Module):
 
     def forward(self, x):
         """x: [N, in_features] -> [N, out_features] in x.dtype."""
-        x = x @ self.weight.to(x.dtype).t()
-        if self.bias is not None:
-            x = x.add_(self.bias.to(x.dtype))
-        return x
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)  # one addmm: bias + x @ weight^T
 
 
 def _resample_kernel(resample_filter):
@@ -93,7 +91,16 @@ class Conv2d(torch.nn.Module):
     `resample_filter` [1, 1, K, K]; `fused_resample` applies the filter and
     the kernel in one padded pass (NCSN++'s residual encoder uses it).
     Input [N, in_channels, H, W] -> [N, out_channels, H', W'] with H' = 2H
-    (up), H/2 (down) or H.
+    (up), H/2 (down) or H. With a two-tap box filter ([1, 1]: DDPM++, ADM)
+    the resampling is a 2x2 average pool (down) or a nearest-neighbour 2x
+    upsampling (up), equal to the FIR filter's pass without building a
+    per-channel filter on every call.
+
+    On CUDA the bias goes inside the convolution (one operator; cuDNN's path
+    still takes its gradient as torch's sum over N, H, W), except after a
+    fused downsampling. On CPU it is a separate add: oneDNN would take the
+    bias gradient by its own float32 reduction, 10-100x less accurate than
+    torch's sum (docs/PERFORMANCE.md, "Operators per step").
     """
 
     def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
@@ -105,6 +112,7 @@ class Conv2d(torch.nn.Module):
         self.up = up
         self.down = down
         self.fused_resample = fused_resample
+        self.box_resample = len(resample_filter) == 2 and resample_filter[0] == resample_filter[1]
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         self.weight = None
         self.bias = None
@@ -117,38 +125,43 @@ class Conv2d(torch.nn.Module):
     def forward(self, x):
         """x: [N, in_channels, H, W] -> [N, out_channels, H', W'] in x.dtype."""
         w = self.weight.to(x.dtype) if self.weight is not None else None
-        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        f = self.resample_filter
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        fuse_bias = x.device.type == 'cuda' and not (self.fused_resample and self.down)
         if self.fused_resample and w is not None and self.up:
             # The padding is shared out between the two passes so that H' = 2H, as EDM does.
-            x = _upsample(x, f, padding=max(f_pad - w_pad, 0))
-            x = torch.nn.functional.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+            x = self._upsample(x, padding=max(f_pad - w_pad, 0))
+            x = torch.nn.functional.conv2d(x, w, b if fuse_bias else None, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and w is not None and self.down:
-            x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad)
-            x = _downsample(x, f, padding=0)
+            x = self._downsample(torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad), padding=0)
         else:
             if self.up:
-                x = _upsample(x, f, padding=f_pad)
+                x = self._upsample(x, padding=f_pad)
             if self.down:
-                x = _downsample(x, f, padding=f_pad)
+                x = self._downsample(x, padding=f_pad)
             if w is not None:
-                x = torch.nn.functional.conv2d(x, w, padding=w_pad)
-        if self.bias is not None:
-            x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
+                x = torch.nn.functional.conv2d(x, w, b if fuse_bias else None, padding=w_pad)
+        if b is not None and not fuse_bias:
+            x = x.add_(b.reshape(1, -1, 1, 1))
         return x
 
+    def _upsample(self, x, padding):
+        """2x upsampling of each channel by the transposed FIR filter (gain 4): [N, C, H, W] -> [N, C, 2H, 2W]."""
+        if self.box_resample:   # [1, 1] filter, no padding: every pixel becomes a 2x2 block
+            return torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
+        channels = x.shape[1]
+        f = self.resample_filter.to(x.dtype).mul(4).tile([channels, 1, 1, 1])
+        return torch.nn.functional.conv_transpose2d(x, f, groups=channels, stride=2, padding=padding)
 
-def _upsample(x, f, padding):
-    """2x upsampling of each channel by the transposed FIR filter f [1, 1, K, K] (gain 4)."""
-    channels = x.shape[1]
-    return torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=padding)
-
-
-def _downsample(x, f, padding):
-    """2x downsampling of each channel by the FIR filter f [1, 1, K, K]."""
-    channels = x.shape[1]
-    return torch.nn.functional.conv2d(x, f.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=padding)
+    def _downsample(self, x, padding):
+        """2x downsampling of each channel by the FIR filter: [N, C, H, W] -> [N, C, H/2, W/2]."""
+        if self.box_resample:   # [1, 1] filter, no padding: the mean of each 2x2 block
+            return torch.nn.functional.avg_pool2d(x, 2)
+        channels = x.shape[1]
+        f = self.resample_filter.to(x.dtype).tile([channels, 1, 1, 1])
+        return torch.nn.functional.conv2d(x, f, groups=channels, stride=2, padding=padding)
 
 
 @persistence.persistent_class
@@ -163,34 +176,17 @@ class GroupNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        """x: [N, C, H, W] -> same shape and dtype."""
-        return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
-                                              bias=self.bias.to(x.dtype), eps=self.eps)
+        """x: [N, C, H, W] -> same shape, in x.dtype (under autocast: in the dtype autocast picks).
 
-
-class _AttentionWeights(torch.autograd.Function):
-    """w = softmax_k(q^T k / sqrt(C)), computed in float32 whatever the input dtype.
-
-    q, k: [B, C, L] -> w: [B, L_q, L_k] in q.dtype. Only q, k and w are kept
-    for the backward pass, so fp16 training stores no float32 logits.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k):
-        logits = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32))
-        w = logits.softmax(dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, w)
-        return w
-
-    @staticmethod
-    def backward(ctx, dw):
-        q, k, w = ctx.saved_tensors
-        w = w.to(torch.float32)
-        dw = dw.to(torch.float32)
-        dlogits = w * (dw - (dw * w).sum(dim=2, keepdim=True))  # softmax backward
-        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), dlogits).to(q.dtype) / np.sqrt(k.shape[1])
-        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), dlogits).to(k.dtype) / np.sqrt(k.shape[1])
-        return dq, dk
+        Under autocast the float32 weight and bias go in as they are: CUDA
+        autocast runs group_norm in float32, CPU autocast takes a bfloat16
+        input with float32 parameters. Casting them to x.dtype first would
+        round them to bfloat16 and add casts (forward and backward).
+        """
+        weight, bias = self.weight, self.bias
+        if not torch.is_autocast_enabled(x.device.type):
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=weight, bias=bias, eps=self.eps)
 
 
 @persistence.persistent_class
@@ -239,31 +235,75 @@ class UNetBlock(torch.nn.Module):
                               **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
-    def forward(self, x, emb):
-        """x: [N, in_channels, H, W], emb: [N, emb_channels] -> [N, out_channels, H', W']."""
+    def forward(self, x, emb, params=None):
+        """x: [N, in_channels, H, W], emb: [N, emb_channels] -> [N, out_channels, H', W'].
+
+        params: affine(emb) as [N, C', 1, 1] when the UNet has computed it
+        together with its other blocks' (`_affine_outputs`); None computes it here.
+        """
         orig = x
         x = self.conv0(silu(self.norm0(x)))
-        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if params is None:
+            params = self.affine(emb).reshape(emb.shape[0], -1, 1, 1)
+        params = params.to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
             x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
             x = silu(self.norm1(x.add_(params)))
         x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
-        x = x.add_(self.skip(orig) if self.skip is not None else orig)
-        x = x * self.skip_scale
+        x = self._scale_skip(x.add_(self.skip(orig) if self.skip is not None else orig))
         if self.num_heads:
             x = self._attention(x)
         return x
 
+    def _scale_skip(self, x):
+        """x * skip_scale, in place (x is a fresh sum); nothing to do when skip_scale is 1 (ADM)."""
+        return x if self.skip_scale == 1 else x.mul_(self.skip_scale)
+
     def _attention(self, x):
-        """Multi-head self-attention over the H*W positions, with residual and skip_scale."""
+        """Multi-head self-attention over the H*W positions, with residual and skip_scale.
+
+        softmax(q^T k / sqrt(C_h)) v per head (C_h channels per head), by
+        torch's scaled_dot_product_attention: one fused operator forward and
+        one backward, without the [HW, HW] weights in memory on its fused
+        paths. The qkv channels are laid out as EDM's ([heads, C_h, 3]), so
+        EDM's weights give the same attention. EDM computes the logits and
+        the softmax in float32 whatever the input dtype; the fused kernels
+        keep float32 accumulators and softmax statistics too
+        (docs/PERFORMANCE.md, "Operators per step").
+        """
         n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
-        weights = _AttentionWeights.apply(q, k)  # [N*heads, HW, HW]
-        a = torch.einsum('nqk,nck->ncq', weights, v)
-        x = self.proj(a.reshape(n, c, h, w)).add_(x)
-        return x * self.skip_scale
+        qkv = self.qkv(self.norm2(x)).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)   # each [N, heads, HW, C_h], C_h contiguous
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)   # [N, heads, HW, C_h]
+        a = a.permute(0, 1, 3, 2).reshape(n, c, h, w).contiguous(memory_format=_memory_format(x))
+        return self._scale_skip(self.proj(a).add_(x))
+
+
+def _memory_format(x):
+    """torch.channels_last for a channels-last x [N, C, H, W] (--channels-last), else torch.contiguous_format."""
+    return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+def _unet_blocks(unet):
+    """The UNetBlocks of a SongUNet or DhariwalUNet in the order its forward runs them (encoder, then decoder)."""
+    return [block for block in [*unet.enc.values(), *unet.dec.values()] if isinstance(block, UNetBlock)]
+
+
+def _affine_outputs(blocks, emb):
+    """block.affine(emb) of each UNetBlock in `blocks`, all in one matrix product.
+
+    emb [N, emb_channels] -> one [N, C'_i, 1, 1] per block, as block.affine(emb)
+    reshaped (each output is the same dot product plus bias). One product
+    over the concatenated weights replaces a Linear per block, forward and
+    backward, and the sum of the blocks' gradients with respect to emb.
+    """
+    weight = torch.cat([block.affine.weight for block in blocks])   # [sum C'_i, emb_channels]
+    bias = torch.cat([block.affine.bias for block in blocks])
+    out = torch.nn.functional.linear(emb, weight.to(emb.dtype), bias.to(emb.dtype))
+    return out.reshape(emb.shape[0], -1, 1, 1).split([block.affine.out_features for block in blocks], dim=1)
 
 
 # ----------------------------------------------------------------------------
@@ -481,6 +521,7 @@ class SongUNet(torch.nn.Module):
         """x [N, in_channels, H, W], noise_labels [N] -> [N, out_channels, H, W]."""
         _check_input_size(x, self.num_levels)
         emb = self._embedding(noise_labels, class_labels, augment_labels)
+        params = iter(_affine_outputs(_unet_blocks(self), emb))   # in the order the blocks run
 
         # Encoder; skip connections are the outputs of the non-aux layers.
         skips = []
@@ -493,7 +534,7 @@ class SongUNet(torch.nn.Module):
             elif 'aux_residual' in name:
                 x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = block(x, emb, next(params)) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
         # Decoder; the output is the sum of the aux_conv outputs.
@@ -510,13 +551,13 @@ class SongUNet(torch.nn.Module):
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = block(x, emb, next(params))
         return aux
 
     def _embedding(self, noise_labels, class_labels, augment_labels):
         """[N] noise labels (+ [N, label_dim], + [N, augment_dim]) -> [N, emb_channels]."""
         emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] -> [sin, cos]
+        emb = emb.roll(emb.shape[1] // 2, dims=1)  # [cos, sin] -> [sin, cos]
         if self.map_label is not None:
             labels = _drop_labels(class_labels, self.label_dropout, self.training)
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
@@ -609,14 +650,15 @@ class DhariwalUNet(torch.nn.Module):
         """x [N, in_channels, H, W], noise_labels [N] -> [N, out_channels, H, W]."""
         _check_input_size(x, self.num_levels)
         emb = self._embedding(noise_labels, class_labels, augment_labels)
+        params = iter(_affine_outputs(_unet_blocks(self), emb))   # in the order the blocks run
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = block(x, emb, next(params)) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = block(x, emb, next(params))
         return self.out_conv(silu(self.out_norm(x)))
 
     def _embedding(self, noise_labels, class_labels, augment_labels):
@@ -893,9 +935,11 @@ class EDMPrecond(_Precond):
     def preconditioning(self, sigma):
         """sigma [N, 1, 1, 1] -> (c_skip, c_out, c_in, c_noise), each [N, 1, 1, 1]."""
         sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        total = sigma ** 2 + sd ** 2                    # sigma^2 + sigma_data^2
+        root = total.sqrt()
+        c_skip = sd ** 2 / total
+        c_out = sigma * sd / root
+        c_in = 1 / root
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
