@@ -26,14 +26,10 @@ def parse_resolution(ctx, param, value):
     """Click callback: 'WxH' (or 'W,H', or 'N' for NxN) -> (W, H)."""
     if value is None:
         return None
-    match = re.fullmatch(r'(\d+)(?:[x,](\d+))?', value.strip())
-    if match is None:
-        raise click.BadParameter(f'{value!r}: expected WxH, e.g. 64x64')
-    width = int(match.group(1))
-    height = int(match.group(2)) if match.group(2) else width
-    if width < 1 or height < 1:
-        raise click.BadParameter(f'{value!r}: width and height must be >= 1')
-    return width, height
+    try:
+        return dnnlib.util.parse_size(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def parse_channels(ctx, param, value):
@@ -49,7 +45,7 @@ _CONVERT_OPTIONS = [
                  help='Write at most this many images  [default: all]'),
     click.option('--transform', type=click.Choice(TRANSFORMS), help='Crop mode for non-square inputs'),
     click.option('--resolution', metavar='WxH', callback=parse_resolution,
-                 help=f'Output size, e.g. 64x64  [default: the input size; demo:shapes {demo_data.DEFAULT_RESOLUTION}x{demo_data.DEFAULT_RESOLUTION}]'),
+                 help=f'Output size WxH (width x height), e.g. 64x64 or 96x64  [default: the input size; demo:shapes {demo_data.DEFAULT_RESOLUTION}x{demo_data.DEFAULT_RESOLUTION}]'),
     click.option('--channels', type=click.Choice(CHANNELS), default='auto', show_default=True,
                  callback=parse_channels, help='Output channels: 3 = RGB, 1 = grayscale, auto = RGB under '
                  '--transform (as EDM), else grayscale only if every input is'),
@@ -113,10 +109,12 @@ def convert(**opts):
       lsun/church_lmdb/          LSUN LMDB folder (needs: pip install lmdb)
       demo:shapes[:N]            built-in shapes, N images (default 2000)
 
-    Images must end up square with a power-of-two size. Without --transform,
-    square images are resized to --resolution. Both transforms give EDM's
-    pixels: --transform=center-crop cuts the largest centred square and
-    resizes it to WxH; center-crop-wide keeps an input's full width w, cuts
+    All images must end up the same size, any width and height (train.py
+    says which sizes its network can take). Without --transform, images
+    are resized to --resolution, which must have their aspect ratio.
+    --transform=center-crop cuts the largest centred region of aspect W:H
+    and resizes it to WxH (for W = H the largest centred square: EDM's
+    pixels); center-crop-wide (EDM's pixels) keeps an input's full width w, cuts
     its centred band of round(W * h / w) of its h rows, resizes that to WxH
     and pads it with black rows to WxW, which distorts: an input of aspect
     W:H and k times that size comes out squeezed k times horizontally.

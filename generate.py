@@ -29,17 +29,17 @@ def cli():
 
 
 @cli.command('generate')
-@click.option('--network', 'network_pkl', help='Network snapshot (network-snapshot-*.pkl or .safetensors; ours, EDM or official)', metavar='PATH|URL', type=str, required=True)
+@click.option('--network', 'network_pkl', help='Network snapshot (network-snapshot-*.pkl or .safetensors; ours, EDM or official): a path, an http(s) URL or a Hugging Face Hub file hf://OWNER/REPO/FILE', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Folder for the PNGs', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Seeds, one image each (e.g. 0-49999 or 1,2,5-10)', metavar='LIST', type=str, default='0-63', show_default=True)
 @click.option('--subdirs', help='Put each 1000 seeds in a subfolder', is_flag=True)
 @click.option('--class', 'class_idx', help='Class index for every image  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Most images per batch (per process)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--cfg', help='Classifier-free guidance weight (1 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True)
-@click.option('--image_size', '--image-size', 'image_size', help='Side S of the square to sample, in the network\'s pixels (for latent models latent pixels: the decoded images are 8 S wide with the usual VAE)  [default: --resolution]', metavar='INT', type=int, default=None)
-@click.option('--x_start', '--x-start', 'x_start', help='Frame column of the square\'s left edge: its columns x_start .. x_start+S-1 get x = (column / (resolution - 1) - 0.5) * 2, past 1 beyond the frame', metavar='INT', type=int, default=0, show_default=True)
-@click.option('--y_start', '--y-start', 'y_start', help='Frame row of the square\'s top edge: its rows y_start .. y_start+S-1 get y = (row / (resolution - 1) - 0.5) * 2', metavar='INT', type=int, default=0, show_default=True)
-@click.option('--resolution', help='Side of the square coordinate frame the columns and rows count in (x = -1 at column 0, 1 at column resolution-1); a network without coordinates takes only its own  [default: the network\'s resolution; required if it records none]', metavar='INT', type=int, default=None)
+@click.option('--image_size', '--image-size', 'image_size', help='Size of the image to sample: S (a square) or WxH, in the network\'s pixels (for latent models latent pixels: the decoded images are 8 times larger with the usual VAE)  [default: --resolution]', metavar='S|WxH', type=dnnlib.util.Size(), default=None)
+@click.option('--x_start', '--x-start', 'x_start', help='Frame column of the image\'s left edge: its columns x_start .. x_start+w-1 get x = (column / (W - 1) - 0.5) * 2, past 1 beyond the frame', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--y_start', '--y-start', 'y_start', help='Frame row of the image\'s top edge: its rows y_start .. y_start+h-1 get y = (row / (H - 1) - 0.5) * 2', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--resolution', help='Size of the coordinate frame the columns and rows count in, R (a square) or WxH (x = -1 at column 0, 1 at column W-1; y likewise over H); a network without coordinates takes only its own  [default: the network\'s resolution; required if it records none]', metavar='R|WxH', type=dnnlib.util.Size(), default=None)
 @click.option('--mask_pos', '--mask-pos', 'mask_pos', help='Official flag, checked: call the network without coordinates; allowed only for networks that take none, so it changes nothing', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--embed_fq', '--embed-fq', 'embed_fq', help='Official flag, checked: coordinates embedded as sin/cos at this many frequencies (0 = the plain grid); must match the network\'s channels, which tell it already  [default: detected]', metavar='INT', type=int, default=None)
 @click.option('--grid', help='Also write all images as one grid, outdir/grid.png', is_flag=True)
@@ -82,6 +82,11 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
     # The 48x48 bottom-right corner of a 64x64 model's images, and a 128x128 canvas beyond them
     python generate.py --outdir=out --seeds=0-63 --image_size=48 --x_start=16 --y_start=16 --network=net.pkl
     python generate.py --outdir=out --seeds=0-63 --image_size=128 --resolution=64 --network=net.pkl
+
+    \b
+    # A 96x64 (width x height) model: its images, and their 192x64 extension to the right
+    python generate.py --outdir=out --seeds=0-63 --network=wide.pkl
+    python generate.py --outdir=out --seeds=0-63 --image_size=192x64 --network=wide.pkl
 
     \b
     # An official Patch Diffusion latent model (ours record their VAE in the pickle)

@@ -22,7 +22,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import config, latents, metrics, networks, runs, snapshots
+from training import config, latents, metrics, networks, presets, runs, snapshots
 from training.dataset import dataset_class_name, open_dataset
 from training.training_loop import training_loop
 
@@ -35,6 +35,7 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 # Main options.
 @click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
 @click.option('--data', help='Path to the dataset (zip or folder from dataset_tool.py)', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--preset', help='Settings of one of the paper\'s experiments (README: "Paper presets"); flags you give override them', type=click.Choice(list(presets.PRESETS)))
 @click.option('--cond', help='Train a class-conditional model', metavar='BOOL', type=bool, default=D.cond, show_default=True)
 @click.option('--arch', help='Network architecture', type=click.Choice(sorted(networks.ARCHITECTURES)), default=D.arch, show_default=True)
 @click.option('--precond', help='Preconditioning and loss (pedm, the official default, is edm with coordinates: the same here)', type=click.Choice(list(config.PRECONDS)), default=D.precond, show_default=True)
@@ -88,7 +89,7 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--metric-ref', '--metric_ref', 'metric_ref', help='FID reference statistics for --metrics', metavar='NPZ|URL', type=str)
 @click.option('--metric-num', '--metric_num', 'metric_num', help='Images generated for --metrics', metavar='INT', type=click.IntRange(min=2), default=D.metric_num, show_default=True)
 @click.option('--seed', help='Random seed  [default: random; a resumed run keeps its own]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--transfer', help='Transfer learning from a network snapshot', metavar='PKL|SAFETENSORS|URL', type=str)
+@click.option('--transfer', help='Transfer learning from a network snapshot: a path, an http(s) URL or a Hugging Face Hub file hf://OWNER/REPO/FILE', metavar='PKL|SAFETENSORS|URL', type=str)
 @click.option('--resume', help='Resume from this training state (training-state-*.pt) in a new run folder; without it, the same command resumes its own run', metavar='PT', type=str)
 @click.option('-n', '--dry-run', '--dry_run', 'dry_run', help='Print the resolved options and the run folder, and whether the run would resume, then exit', is_flag=True)
 @dnnlib.util.debug_option
@@ -102,7 +103,9 @@ def main(**kwargs):
         --data=datasets/celeba-64x64.zip --cond=0 --arch=ddpmpp --batch=256 \\
         --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0 --real_p=0.5
     """
-    opts = dnnlib.EasyDict(kwargs)
+    ctx = click.get_current_context()
+    typed = {name for name in kwargs if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    opts = dnnlib.EasyDict(presets.apply_preset(kwargs.pop('preset'), kwargs, typed))
     try:
         device = dist.init(opts.device)
     except RuntimeError as err:

@@ -107,6 +107,7 @@ class RandomLatentDataset(torch.utils.data.Dataset):
         self.stats = np.concatenate([mean, std], axis=1)
         self.resolution = resolution
         self.num_channels = channels
+        self.image_shape = [channels, resolution, resolution]
         self.label_dim = 0
         self.vae = 'random-latents'
         self.scale_factor = 0.18215

@@ -94,10 +94,10 @@ def main(network_path, preset, steps, batch_sizes, num, rounds, warmup, device_n
     else:
         net = fresh_network(common.PRESETS[preset], device)
         source = f'fresh {preset} network'
-    resolution = denoiser.sampling_resolution(net)
+    height, width = denoiser.sampling_region(net).size
     params = sum(p.numel() for p in net.parameters())
     nfe = network_evaluations(steps)
-    print(f'{source}: {params / 1e6:.2f}M parameters, {resolution}x{resolution}; {steps} steps = {nfe} network '
+    print(f'{source}: {params / 1e6:.2f}M parameters, {width}x{height}; {steps} steps = {nfe} network '
           f'calls per image; {rounds} rounds of {num} images per batch size', flush=True)
 
     times = measure(net, batch_sizes, num, steps, rounds, warmup, device)
@@ -107,7 +107,8 @@ def main(network_path, preset, steps, batch_sizes, num, rounds, warmup, device_n
         print(f'  batch {batch_size:4d}: {rate:9.3f} images/s, {rate * nfe:9.1f} image-evaluations/s '
               f'(blocks {", ".join(f"{s:.2f}" for s in seconds)} s)')
 
-    summary = dict(network=source, steps=steps, nfe_per_image=nfe, num=num, rounds=rounds, resolution=resolution,
+    summary = dict(network=source, steps=steps, nfe_per_image=nfe, num=num, rounds=rounds,
+                   resolution=height if height == width else [height, width],
                    params=params, images_per_s=images_per_s,
                    block_seconds={str(b): s for b, s in times.items()})
     summary.update(info, loadavg_end=[round(x, 2) for x in os.getloadavg()])

@@ -579,7 +579,7 @@ def ours_float_samples(net, seeds, steps, device):
     """Our float64 samples of one batch of `seeds`: generate_images's sampler before the uint8 conversion."""
     info, region = network_info(net), sampling_region(net)
     rnd = generation.StackedRandomGenerator(device, seeds)
-    noise = rnd.randn([len(seeds), info.img_channels, region.size, region.size], device=device)
+    noise = rnd.randn([len(seeds), info.img_channels, *region.size], device=device)
     labels = generation.random_class_labels(rnd, info.label_dim, len(seeds), device=device)
     sampler, kwargs = samplers.select_sampler(num_steps=steps)
     return sampler(make_denoiser(net, labels, 1.0, region), noise, rnd.randn_like, **kwargs)

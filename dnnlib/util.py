@@ -191,8 +191,8 @@ def default_cache_dir():
 
 
 def is_url(obj):
-    """True for http(s):// and file:// strings."""
-    return isinstance(obj, str) and re.match(r'^(https?|file)://', obj) is not None
+    """True for http(s)://, file:// and hf:// (Hugging Face Hub) strings."""
+    return isinstance(obj, str) and re.match(r'^(https?|file|hf)://', obj) is not None
 
 
 def url_cache_path(url, cache_dir=None):
@@ -208,13 +208,19 @@ class DownloadError(OSError):
 
 
 def open_url(path_or_url, cache=True, cache_dir=None, num_attempts=_RETRIES, timeout=60, verbose=True):
-    """Open a local path, a file:// URL or an http(s):// URL for binary reading.
+    """Open a local path, a file:// URL, an http(s):// URL or a Hugging Face
+    Hub address hf://OWNER/REPO/FILE for binary reading.
 
-    Downloads go through a cache (`$DNNLIB_CACHE_DIR`, else ~/.cache/dnnlib),
-    written atomically, so a second call reads the local copy and works
-    offline. Returns a binary file object.
+    http(s) downloads go through a cache (`$DNNLIB_CACHE_DIR`, else
+    ~/.cache/dnnlib), written atomically, so a second call reads the local
+    copy and works offline. hf:// addresses go through huggingface_hub and
+    its own cache (training/hub.py); `cache`, `cache_dir`, `num_attempts`,
+    `timeout` and `verbose` apply to http(s) only. Returns a binary file object.
     """
     path_or_url = os.fspath(path_or_url)
+    if path_or_url.startswith('hf://'):
+        from training import hub   # here, not at the top: dnnlib is the lower layer, and the Hub is optional
+        return open(hub.download(path_or_url), 'rb')
     if not is_url(path_or_url):
         if not os.path.isfile(path_or_url):
             raise FileNotFoundError(f'No such file: {path_or_url}')
@@ -281,6 +287,19 @@ def parse_int_list(text):
             raise ValueError(f'The range {part.strip()!r} runs backwards; write it as {last}-{first}')
         values.extend(range(first, last + 1))
     return values
+
+
+def parse_size(text, minimum=1):
+    """'WxH' (or 'W,H') -> (width, height); 'N' -> (N, N). ValueError for
+    anything else and for sides below `minimum`."""
+    match = re.fullmatch(r'\s*(\d+)\s*(?:[x,]\s*(\d+)\s*)?', str(text))
+    if match is None:
+        raise ValueError(f'{text!r}: expected WxH (width x height), e.g. 64x64 or 96x64, or one number for a square')
+    width = int(match.group(1))
+    height = int(match.group(2)) if match.group(2) else width
+    if width < minimum or height < minimum:
+        raise ValueError(f'{text!r}: width and height must be >= {minimum}')
+    return width, height
 
 
 def format_time(seconds):
@@ -382,6 +401,21 @@ class IntList(click.ParamType):
             return parse_int_list(value)
         except ValueError as err:
             self.fail(str(err), param, ctx)
+
+
+class Size(click.ParamType):
+    """Click type of an image size: 'WxH' or 'N' (a square) -> (height, width), the
+    order of tensors. Sides of 0 pass, for the command to refuse with its own words."""
+    name = 'size'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            width, height = parse_size(value, minimum=0)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+        return height, width
 
 
 def cli_errors(fn):

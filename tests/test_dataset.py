@@ -233,7 +233,16 @@ def test_demo_shapes_are_large_centred_bright_on_dark_and_coloured_by_class():
         assert np.argmin(np.linalg.norm(palette - colour, axis=1)) == label
 
 
-@pytest.mark.parametrize('resolution', [4, 12, 7.0])
+@pytest.mark.parametrize('resolution', [4, 7.0, (16, 6), (8.5, 8)])
 def test_demo_rejects_bad_resolutions(resolution):
-    with pytest.raises(ValueError, match='power of two'):
+    with pytest.raises(ValueError, match='at least 8 pixels'):
         demo_data.make_shape_image(0, resolution)
+
+
+def test_demo_draws_any_size_and_keeps_squares_as_they_were():
+    image, label = demo_data.make_shape_image(3, (48, 32))
+    assert image.shape == (32, 48, 3) and label == 3
+    wide = image.astype(int)
+    assert (wide[:, :8] == wide[0, 0]).all() and (wide[:, -8:] == wide[0, 0]).all()   # the shape stays central
+    square, _ = demo_data.make_shape_image(3, 32)
+    assert np.array_equal(square, demo_data.make_shape_image(3, (32, 32))[0])

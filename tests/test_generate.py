@@ -182,6 +182,8 @@ def test_bad_inputs_give_one_line_errors(foreign_pickles, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize('network, flags, match', [
     ('official', '--image_size=0', '--image_size=0 must be a positive integer'),
+    ('official', '--resolution=8x0', '--resolution=8x0 must be a positive integer'),
+    ('unet', '--image_size=8x7', 'the height must be a multiple of 2, such as 6 or 8'),
     ('official', '--x-start=-1', '--x_start=-1 must be a non-negative integer'),
     ('official', '--y_start=-2', '--y_start=-2 must be a non-negative integer'),
     ('official', '--resolution=1', 'needs 2 pixels or more'),

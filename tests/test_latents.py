@@ -156,7 +156,8 @@ def test_encode_writes_posterior_stats_flips_labels_and_metadata(latents_zip, va
     assert not np.allclose(stats[:, 0], stats[:, 1])   # a flipped image's latent is no flipped latent
     assert dataset_json == {'labels': [[name, label] for name, label in zip(names, labels)]}
     assert meta == dict(format='patch-diffusion-latents-v1', vae=vae_dir, scale_factor=SCALE, latent_channels=4,
-                        latent_resolution=LATENT_RES, source_resolution=RES, xflip=True, count=COUNT)
+                        latent_resolution=LATENT_RES, source_resolution=RES, xflip=True, count=COUNT,
+                        latent_shape=[LATENT_RES, LATENT_RES], source_shape=[RES, RES])
 
 
 def test_encode_without_flips_to_a_folder_and_refuses_an_existing_dest(images_zip, vae_dir, tmp_path):

@@ -62,7 +62,7 @@ def test_real_p_out_of_range_raises(real_p):
 
 @pytest.mark.parametrize('resolution,latent', [(16, False), (28, False), (8, True), (30, False)])
 def test_resolution_too_small_raises(resolution, latent):
-    with pytest.raises(ValueError, match=rf'Resolution {resolution} is too small.*at least'):
+    with pytest.raises(ValueError, match=rf'{resolution}x{resolution} pixels are too small.*at least'):
         patching.PatchSchedule(resolution, 0.5, latent=latent)
 
 

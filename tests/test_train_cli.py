@@ -477,7 +477,7 @@ def test_use_pos_0_trains_plain_edm_loadable_by_edm_code(shapes_zip, tmp_path, s
 
 def test_precond_names_of_the_official_code():
     """--precond=pedm (the official default) is EDM's preconditioning with coordinates, as our edm."""
-    dataset = types.SimpleNamespace(is_latent=False, resolution=32)
+    dataset = types.SimpleNamespace(is_latent=False, resolution=32, image_shape=[3, 32, 32])
     pedm, edm = (config.build_config(dict(precond=name), dataset) for name in ('pedm', 'edm'))
     assert pedm.network_kwargs == edm.network_kwargs and pedm.loss_kwargs == edm.loss_kwargs == dict(loss='edm')
     assert edm.network_kwargs.use_pos is True

@@ -1,6 +1,6 @@
 """Dataset archives in EDM's layout (docs/DESIGN.md, "File formats"): a ZIP
 or a folder with one PNG per image, 00000/img00000000.png, 1000 per folder
-and named by output index, all the same square power-of-two size with 1 (L)
+and named by output index, all of the same width x height with 1 (L)
 or 3 (RGB) channels, plus dataset.json holding
 {"labels": [["00000/img00000000.png", 6], ...]} or {"labels": null}.
 
@@ -50,12 +50,22 @@ def _resize(image, width, height):
 
 
 def center_crop(image, width, height):
-    """EDM's center-crop: the largest centred square (top (H - S) // 2, left
-    (W - S) // 2, side S = min(H, W)), resized to width x height."""
+    """The largest centred region of aspect width:height, resized to width x height.
+
+    For a square output this is EDM's center-crop (top (H - S) // 2, left
+    (W - S) // 2, side S = min(H, W)); otherwise the region is w' x h' with
+    w' = min(W, H width / height) and h' = min(H, W height / width), rounded
+    to the nearest pixel, placed the same way.
+    """
     h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return _resize(image[top: top + side, left: left + side], width, height)
+    if width == height:
+        crop_h = crop_w = min(h, w)
+    elif w * height >= h * width:   # the source is wider than the output: keep all rows
+        crop_h, crop_w = h, min(w, int(round(h * width / height)))
+    else:
+        crop_h, crop_w = min(h, int(round(w * height / width))), w
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    return _resize(image[top: top + crop_h, left: left + crop_w], width, height)
 
 
 def center_crop_wide(image, width, height):
@@ -98,24 +108,19 @@ def output_channels(transform, channels):
 def make_transform(transform, resolution):
     """Return f(image uint8 [H, W, C], name) -> uint8 [H', W', C] or None (skip).
 
-    Without a transform, images must be square; they are resized to
-    `resolution` if it is given.
+    Without a transform, images are resized to `resolution` (width, height)
+    if it is given, which needs the images to have its aspect ratio.
     """
     if transform is None:
         def plain(image, name):
             h, w = image.shape[:2]
-            if h != w:
-                raise ValueError(f'{name} is {w}x{h}, not square; pass --transform=center-crop '
-                                 f'(or center-crop-wide) with --resolution to crop it')
+            if resolution is not None and w * resolution[1] != h * resolution[0]:
+                raise ValueError(f'{name} is {w}x{h}, not of the aspect of --resolution={resolution[0]}x{resolution[1]}; '
+                                 f'pass --transform=center-crop to crop it to that aspect')
             return image if resolution is None else _resize(image, *resolution)
         return plain
     crop = {'center-crop': center_crop, 'center-crop-wide': center_crop_wide}[transform]
     return lambda image, name: crop(image, *resolution)
-
-
-def _is_power_of_two(n):
-    """True for 1, 2, 4, 8, ..."""
-    return n >= 1 and n & (n - 1) == 0
 
 
 def _check_options(transform, resolution, max_images, channels):
@@ -129,15 +134,11 @@ def _check_options(transform, resolution, max_images, channels):
     if resolution is None:
         return
     width, height = resolution
-    if transform == 'center-crop-wide':
-        if height > width:
-            raise ValueError(f'--resolution={width}x{height}: center-crop-wide pads to a {width}x{width} '
-                             f'square, so the height must not exceed the width')
-    elif width != height:
-        raise ValueError(f'--resolution={width}x{height}: images must be square; use {width}x{width} '
-                         f'(or --transform=center-crop-wide for a padded wide crop)')
-    if not _is_power_of_two(width):
-        raise ValueError(f'--resolution={width}x{height}: the size must be a power of two, e.g. 32, 64, 256')
+    if width < 1 or height < 1:
+        raise ValueError(f'--resolution={width}x{height}: both sides must be at least 1 pixel')
+    if transform == 'center-crop-wide' and height > width:
+        raise ValueError(f'--resolution={width}x{height}: center-crop-wide pads to a {width}x{width} '
+                         f'square, so the height must not exceed the width')
 
 
 # ----------------------------------------------------------------------------
@@ -181,12 +182,9 @@ class _ArchiveWriter:
 
 
 def _check_size(image, name, expected):
-    """The output image must match the first one's size; the first must be square, power of two."""
+    """The output image must match the first one's size (expected: (width, height), None for the first)."""
     h, w = image.shape[:2]
     if expected is None:
-        if h != w or not _is_power_of_two(w):
-            raise ValueError(f'{name} is {w}x{h}; training needs square power-of-two images: '
-                             f'pass --resolution=RxR, e.g. --resolution=32x32')
         return
     if (w, h) != expected:
         raise ValueError(f'{name} is {w}x{h} but earlier images are {expected[0]}x{expected[1]}; '
@@ -288,7 +286,7 @@ def _npy_bytes(array):
 
 
 def _encode_batch(vae, images, xflip):
-    """uint8 images list of [R, R, 3] -> float32 [N, V, 2, C, R/f, R/f]: the
+    """uint8 images list of [H, W, 3] -> float32 [N, V, 2, C, H/f, W/f]: the
     posterior (mean, std) of each image and, with xflip (V = 2), of its mirror."""
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # NHWC -> NCHW
     variants = [batch, batch.flip(3)] if xflip else [batch]
@@ -379,8 +377,9 @@ def encode_dataset(source, dest, vae=None, scale_factor=None, xflip=False, batch
                     raise ValueError(f'--source={source}: all {skipped} images are {_skipped_images(resolution)}, '
                                      f'which --transform={transform} skips; nothing to encode')
                 meta = dict(format=dataset.LATENT_FORMAT, vae=vae, scale_factor=scale_factor,
-                            latent_channels=shape[2], latent_resolution=shape[3],
-                            source_resolution=shape[3] * factor, xflip=bool(xflip), count=len(labels))
+                            latent_channels=shape[2], **_shape_entries('latent', shape[3], shape[4]),
+                            **_shape_entries('source', shape[3] * factor, shape[4] * factor),
+                            xflip=bool(xflip), count=len(labels))
                 writer.write('dataset.json', json.dumps({'labels': labels if src.has_labels else None}).encode('utf-8'))
                 writer.write(dataset.LATENT_METADATA, json.dumps(meta, indent=2).encode('utf-8'))
             finally:
@@ -390,12 +389,19 @@ def encode_dataset(source, dest, vae=None, scale_factor=None, xflip=False, batch
     return len(labels)
 
 
+def _shape_entries(kind, height, width):
+    """latents.json's size entries of kind 'latent' or 'source': {kind}_shape
+    [height, width] always, {kind}_resolution the side of squares (null
+    otherwise; older readers know squares only)."""
+    return {f'{kind}_resolution': height if height == width else None, f'{kind}_shape': [height, width]}
+
+
 def _divisible(transform_image, factor):
-    """transform_image, plus a ValueError for images whose side the VAE factor does not divide."""
+    """transform_image, plus a ValueError for images whose sides the VAE factor does not divide."""
     def transform(image, name):
         image = transform_image(image, name)
-        if image is not None and image.shape[0] % factor:
+        if image is not None and (image.shape[0] % factor or image.shape[1] % factor):
             raise ValueError(f'{name} is {image.shape[1]}x{image.shape[0]}, but the VAE downsamples by '
-                             f'{factor}; pass --resolution with a multiple of {factor}')
+                             f'{factor}; pass --resolution=WxH with multiples of {factor}')
         return image
     return transform

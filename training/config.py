@@ -8,7 +8,7 @@ the options mean for the data (docs/DESIGN.md section 3).
 """
 
 import dnnlib
-from training import augment, networks
+from training import augment, networks, patching
 from training.dataset import dataset_class_name
 
 # train.py's flags and their defaults (EDM's, plus the Patch Diffusion ones).
@@ -73,6 +73,11 @@ def build_config(options, dataset):
         c.augment_kwargs = dnnlib.EasyDict(p=opts.augment, **augment.EDM_AUGMENT_KWARGS)
         c.network_kwargs.augment_dim = augment.AugmentPipe(**c.augment_kwargs).label_dim
     c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, progressive=opts.progressive)
+    if not opts.train_on_latents:   # the shape the network sees is known (raw images for latents: after the VAE)
+        multiple = 2 ** (len(c.network_kwargs.channel_mult) - 1)
+        shape = tuple(dataset.image_shape[1:])
+        patching.check_image_shape(shape, multiple, 'latents' if dataset.is_latent else 'images')
+        patching.PatchSchedule(shape, opts.real_p, latent=latent, multiple=multiple)   # ValueError if too small
     c.latent_kwargs = None
     if latent:   # a pre-encoded archive records its VAE; raw images are encoded with these
         c.latent_kwargs = dnnlib.EasyDict(vae=opts.vae, scale_factor=opts.scale_factor)

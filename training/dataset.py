@@ -15,7 +15,10 @@ Encoded latent archive (a ZIP or a folder):
     dataset.json            {"labels": [["00000/img00000000.npy", 6], ...]} or {"labels": null}
     latents.json            {"format": LATENT_FORMAT, "vae", "scale_factor",
                              "latent_channels", "latent_resolution",
-                             "source_resolution", "xflip", "count"}
+                             "source_resolution", "xflip", "count",
+                             "latent_shape", "source_shape"}
+                            *_resolution: the side of square items (null otherwise);
+                            *_shape: [height, width] (may be absent for squares)
 """
 
 import json
@@ -138,9 +141,10 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def resolution(self):
-        """Side of the square images, in pixels."""
-        assert self.image_shape[1] == self.image_shape[2], 'images are not square'
-        return self.image_shape[1]
+        """What the `resolution` keyword takes to check this dataset's size: the
+        side of square images (EDM's int), [height, width] otherwise."""
+        height, width = self.image_shape[1:]
+        return height if height == width else [height, width]
 
     @property
     def label_shape(self):
@@ -271,14 +275,13 @@ class ImageFolderDataset(_ArchiveDataset):
     def __init__(self, path, resolution=None, use_labels=False, xflip=False, max_size=None, random_seed=0,
                  cache=False, name=None):
         """path: a .zip or a folder; resolution: if given, the images must be
-        resolution x resolution (ValueError otherwise); name: defaults to the
-        file or folder name without extension."""
+        resolution x resolution (an int) or height x width ([height, width]);
+        ValueError otherwise; name: defaults to the file or folder name
+        without extension."""
         self._open_archive(path, IMAGE_EXTENSIONS, 'images')
         first = self._load_raw_image(0, check=False)
         raw_shape = [len(self._item_fnames)] + list(first.shape)
-        if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
-            raise ValueError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, not {resolution}x{resolution}; '
-                             f'use a dataset of that resolution')
+        _check_resolution(self._path, 'images', raw_shape[2:], resolution)
         super().__init__(name=name or self._default_name(), raw_shape=raw_shape, use_labels=use_labels, xflip=xflip,
                          max_size=max_size, random_seed=random_seed, cache=cache)
 
@@ -319,8 +322,9 @@ class LatentDataset(_ArchiveDataset):
     mirrored latents; they need an archive encoded with --xflip=1.
 
     resolution, num_channels and image_shape describe a latent [C, h, w];
-    vae, scale_factor and image_resolution (the pixel side R) name the VAE
-    and the images the latents came from.
+    vae, scale_factor and image_resolution (the pixels: an int side R for
+    squares, [H, W] otherwise) name the VAE and the images the latents came
+    from.
     """
 
     is_latent = True
@@ -334,16 +338,16 @@ class LatentDataset(_ArchiveDataset):
         meta = self._load_metadata()
         self.vae = meta['vae']
         self.scale_factor = float(meta['scale_factor'])
-        self.image_resolution = int(meta['source_resolution'])
-        channels, side = int(meta['latent_channels']), int(meta['latent_resolution'])
+        source_height, source_width = _recorded_shape(meta, 'source')
+        self.image_resolution = source_height if source_height == source_width else [source_height, source_width]
+        height, width = _recorded_shape(meta, 'latent')
+        channels = int(meta['latent_channels'])
         self._variants = 2 if meta['xflip'] else 1
         if xflip and not meta['xflip']:
             raise ValueError(f'{self._path} was encoded without x-flips; encode it again with '
                              f'dataset_tool.py encode --xflip=1, or train with --xflip=0')
-        if resolution is not None and side != resolution:
-            raise ValueError(f'{self._path}: latents are {side}x{side}, not {resolution}x{resolution}; '
-                             f'use an archive of that resolution')
-        super().__init__(name=name or self._default_name(), raw_shape=[len(self._item_fnames), channels, side, side],
+        _check_resolution(self._path, 'latents', [height, width], resolution)
+        super().__init__(name=name or self._default_name(), raw_shape=[len(self._item_fnames), channels, height, width],
                          use_labels=use_labels, xflip=xflip, max_size=max_size, random_seed=random_seed, cache=cache)
 
     def _load_metadata(self):
@@ -358,7 +362,8 @@ class LatentDataset(_ArchiveDataset):
                 raise ValueError(f'{self._path}/{LATENT_METADATA}: not valid JSON ({err}); encode the dataset '
                                  f'again') from None
         keys = ('vae', 'scale_factor', 'latent_channels', 'latent_resolution', 'source_resolution', 'xflip')
-        if not isinstance(meta, dict) or meta.get('format') != LATENT_FORMAT or any(k not in meta for k in keys):
+        if not isinstance(meta, dict) or meta.get('format') != LATENT_FORMAT or any(k not in meta for k in keys) \
+                or any(meta[f'{k}_resolution'] is None and meta.get(f'{k}_shape') is None for k in ('latent', 'source')):
             raise ValueError(f'{self._path}/{LATENT_METADATA}: not a {LATENT_FORMAT} description with '
                              f'{", ".join(keys)}; encode the dataset again with this version of dataset_tool.py')
         return meta
@@ -387,6 +392,25 @@ class LatentDataset(_ArchiveDataset):
         """Return (stats float32 [2, C, h, w] = (mean, std), label float32 [label_dim])."""
         stats = self._raw_item(idx)[1 if self._xflip[idx] else 0]
         return stats.copy(), self.get_label(idx)
+
+
+def _check_resolution(path, what, shape, resolution):
+    """ValueError unless items of [height, width] `shape` have the expected
+    `resolution` (None: any; an int side; or [height, width])."""
+    if resolution is None:
+        return
+    expected = [resolution, resolution] if isinstance(resolution, int) else [int(r) for r in resolution]
+    if list(shape) != expected:
+        raise ValueError(f'{path}: {what} are {shape[1]}x{shape[0]}, not {expected[1]}x{expected[0]} (width x height); '
+                         f'use a dataset of that size')
+
+
+def _recorded_shape(meta, kind):
+    """[height, width] that latents.json records for kind 'latent' or 'source':
+    {kind}_shape for any shape, {kind}_resolution (an int side) for squares."""
+    if meta.get(f'{kind}_shape') is not None:
+        return [int(side) for side in meta[f'{kind}_shape']]
+    return [int(meta[f'{kind}_resolution'])] * 2
 
 
 # ----------------------------------------------------------------------------

@@ -31,15 +31,18 @@ _MAX_BACKGROUND = 0.18                  # background channels are uniform in [0,
 
 
 def check_resolution(resolution):
-    """Raise ValueError unless `resolution` is a power of two >= 8."""
-    if not isinstance(resolution, (int, np.integer)) or resolution < 8 or resolution & (resolution - 1) != 0:
-        raise ValueError(f'demo shapes resolution must be a power of two >= 8, got {resolution!r}')
+    """(width, height) of `resolution`, an int side or (width, height); ValueError
+    unless both are integers >= 8."""
+    width, height = resolution if isinstance(resolution, (tuple, list)) else (resolution, resolution)
+    if not all(isinstance(side, (int, np.integer)) and side >= 8 for side in (width, height)):
+        raise ValueError(f'demo shapes need a width and height of at least 8 pixels, got {resolution!r}')
+    return int(width), int(height)
 
 
 def _shape_mask(label, dx, dy, r):
-    """Coverage of shape `label` (bool [S, S]) centred at the origin.
+    """Coverage of shape `label` (bool [H, W]) centred at the origin.
 
-    dx, dy: [S, S] offsets from the shape centre, in units of the image side;
+    dx, dy: [H, W] offsets from the shape centre, in units of the shorter image side;
     r: the shape's radius (half its diameter), same units.
     """
     name = SHAPE_NAMES[label]
@@ -76,35 +79,39 @@ def _random_colours(rng, label):
 def make_shape_image(index, resolution=DEFAULT_RESOLUTION, seed=0):
     """Draw demo image number `index`.
 
-    Returns (image, label): image is uint8 [resolution, resolution, 3] (HWC,
-    RGB), label an int in [0, len(SHAPE_NAMES)), the index into SHAPE_NAMES.
-    Classes are balanced: label = index mod the number of classes. Everything
-    else (size, position, colour jitter, background) comes from a generator
-    seeded with (seed, index), so the image depends on nothing else.
+    resolution: an int side, or (width, height). Returns (image, label):
+    image is uint8 [height, width, 3] (HWC, RGB), label an int in
+    [0, len(SHAPE_NAMES)), the index into SHAPE_NAMES. Classes are balanced:
+    label = index mod the number of classes. Everything else (size,
+    position, colour jitter, background) comes from a generator seeded with
+    (seed, index), so the image depends on nothing else. Sizes and offsets
+    are shares of the shorter side, so shapes keep their form in any aspect.
     """
-    check_resolution(resolution)
+    width, height = check_resolution(resolution)
     if index < 0:
         raise ValueError(f'demo image index must be >= 0, got {index}')
     rng = np.random.default_rng([seed, index])
     label = index % len(SHAPE_NAMES)
     r = 0.5 * rng.uniform(_MIN_EXTENT, _MAX_EXTENT)
-    cx, cy = 0.5 + rng.uniform(-_MAX_OFFSET, _MAX_OFFSET, size=2)
+    offset_x, offset_y = rng.uniform(-_MAX_OFFSET, _MAX_OFFSET, size=2)
     background, foreground = _random_colours(rng, label)
 
-    size = resolution * _SUPERSAMPLE
-    u = (np.arange(size) + 0.5) / size  # pixel centres in [0, 1]
-    x, y = np.meshgrid(u, u, indexing='xy')  # [S, S] each; x = column, y = row
-    canvas = np.empty((size, size, 3))
+    side = min(width, height) * _SUPERSAMPLE   # the unit of lengths, in supersampled pixels
+    x = (np.arange(width * _SUPERSAMPLE) + 0.5) / side    # pixel centres; the image spans [0, width / min side]
+    y = (np.arange(height * _SUPERSAMPLE) + 0.5) / side
+    cx, cy = width / min(width, height) / 2 + offset_x, height / min(width, height) / 2 + offset_y
+    x, y = np.meshgrid(x, y, indexing='xy')  # [H, W] each; x = column, y = row
+    canvas = np.empty(x.shape + (3,))
     canvas[...] = background
     canvas[_shape_mask(label, x - cx, y - cy, r)] = foreground
 
-    canvas = canvas.reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE, 3).mean(axis=(1, 3))
+    canvas = canvas.reshape(height, _SUPERSAMPLE, width, _SUPERSAMPLE, 3).mean(axis=(1, 3))
     image = np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8)
     return image, label
 
 
 def iterate_shapes(count=DEFAULT_COUNT, resolution=DEFAULT_RESOLUTION, seed=0):
-    """Yield (image uint8 [R, R, 3], label int) for indices 0 .. count-1."""
+    """Yield (image uint8 [H, W, 3], label int) for indices 0 .. count-1 (resolution as make_shape_image's)."""
     check_resolution(resolution)
     for index in range(count):
         yield make_shape_image(index, resolution, seed)

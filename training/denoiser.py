@@ -9,7 +9,7 @@ import inspect
 import torch
 
 import dnnlib
-from training.networks import patch_grid
+from training.networks import image_shape, patch_grid
 
 # The name of forward's third parameter tells the convention apart:
 #   ours:     net(x, sigma, pos, class_labels)    pos = the region's grid when net.use_pos
@@ -33,7 +33,9 @@ def network_info(net):
     """What sampling needs to know about `net`.
 
     Returns EasyDict(convention, img_channels = IMAGE channels C,
-    img_resolution (None if the network does not record it), label_dim,
+    img_resolution (None if the network does not record it; the shorter side
+    of a non-square network), img_shape = (height, width) of its images
+    (None if unrecorded), label_dim,
     coordinates = whether it takes coordinates, embed_fq = for official
     networks the number of frequencies of its sin/cos-embedded coordinates
     (its training's --embed_fq, 0 = the plain [x, y] grid)). An official
@@ -52,8 +54,10 @@ def network_info(net):
                              f'out_channels={out_channels}: {extra} coordinate channels, which are neither the '
                              f'[x, y] grid (2) nor its sin/cos embedding (4 per frequency)')
         channels, coordinates, embed_fq = out_channels, extra > 0, (extra // 4 if extra != 2 else 0)
-    return dnnlib.EasyDict(convention=convention, img_channels=int(channels),
-                           img_resolution=getattr(net, 'img_resolution', None),
+    resolution = getattr(net, 'img_resolution', None)
+    shape = getattr(net, 'img_shape', None) or (None if resolution is None else (resolution, resolution))
+    return dnnlib.EasyDict(convention=convention, img_channels=int(channels), img_resolution=resolution,
+                           img_shape=None if shape is None else image_shape(shape),
                            label_dim=int(net.label_dim or 0), coordinates=coordinates, embed_fq=int(embed_fq))
 
 
@@ -98,18 +102,6 @@ def check_official_flags(net, mask_pos=False, embed_fq=None):
 # The region a sample covers (docs/DESIGN.md section 2, "Sampling a region").
 
 
-def sampling_resolution(net, resolution=None):
-    """The resolution to sample at: the network's, or `resolution` for a network
-    that does not record one. ValueError when they contradict or both are missing."""
-    recorded = getattr(net, 'img_resolution', None)
-    if recorded is None and resolution is None:
-        raise ValueError('The network does not record its resolution; give it with --resolution')
-    if recorded is not None and resolution is not None and int(resolution) != int(recorded):
-        raise ValueError(f'--resolution={resolution} contradicts the network\'s resolution {recorded}; '
-                         f'leave --resolution out')
-    return int(recorded if recorded is not None else resolution)
-
-
 def input_multiple(net):
     """What the sides of `net`'s input must be multiples of: 2^(halvings of its
     UNet), read from the UNet (`num_levels`, or EDM's `<res>x<res>_down` encoder
@@ -125,51 +117,69 @@ def input_multiple(net):
 
 
 def sampling_region(net, resolution=None, image_size=None, x_start=0, y_start=0):
-    """The square to sample: EasyDict(size S, top, left, frame R).
+    """The rectangle to sample: EasyDict(size (h, w), top, left, frame (H, W) or None).
 
-    An S x S sample whose top-left pixel sits at column x_start, row y_start
-    of an R x R coordinate frame, R = `resolution` (default: the network's);
-    its coordinates are patch_grid(top=y_start, left=x_start, S, R), past
-    [-1, 1] where the square leaves the frame. S defaults to R. In the
-    network's pixels (latent pixels for a latent model). For networks without
-    coordinates only S may be set (R is then just the default S, and must
-    agree with a recorded resolution). ValueError for values that cannot work.
+    An h x w sample whose top-left pixel sits at column x_start, row y_start
+    of an H x W coordinate frame, `resolution` (an int side or (H, W);
+    default: the network's image); its coordinates are
+    patch_grid(top=y_start, left=x_start, (h, w), (H, W)), past [-1, 1]
+    where the sample leaves the frame. `image_size` (an int side or (h, w))
+    defaults to the frame. In the network's pixels (latent pixels for a
+    latent model). For networks without coordinates only the size may be
+    set (the frame is then just the default size, and must agree with a
+    recorded one). ValueError for values that cannot work.
     """
     info = network_info(net)
     for name, value in (('--x_start', x_start), ('--y_start', y_start)):
         if int(value) != value or value < 0:
             raise ValueError(f'{name}={value} must be a non-negative integer (a pixel column or row of the frame)')
-    if image_size is not None and (int(image_size) != image_size or image_size < 1):
-        raise ValueError(f'--image_size={image_size} must be a positive integer')
-    if resolution is not None and (int(resolution) != resolution or resolution < 1):
-        raise ValueError(f'--resolution={resolution} must be a positive integer')
+    image_size, resolution = _size_value('--image_size', image_size), _size_value('--resolution', resolution)
+    recorded = info.img_shape
     if info.coordinates:
-        frame = resolution if resolution is not None else info.img_resolution
+        frame = resolution if resolution is not None else recorded
         if frame is None:
             raise ValueError('The network does not record its resolution; give its coordinate frame with --resolution')
-        if frame < 2:
-            raise ValueError(f'--resolution={frame}: the coordinate frame needs 2 pixels or more '
-                             f'(coordinates are (i / (resolution - 1) - 0.5) * 2)')
+        if min(frame) < 2:
+            raise ValueError(f'--resolution={_size_text(frame)}: the coordinate frame needs 2 pixels or more per '
+                             f'side (coordinates are (i / (side - 1) - 0.5) * 2)')
     else:
         if x_start or y_start:
             raise ValueError(f'--x_start={x_start} --y_start={y_start}: this network takes no coordinates, so a '
                              f'position has no meaning; leave them out (--image_size sets the size)')
-        if resolution is not None and info.img_resolution is not None and resolution != info.img_resolution:
-            raise ValueError(f'--resolution={resolution} contradicts the network\'s resolution '
-                             f'{info.img_resolution}: it takes no coordinates, so there is no frame to change; '
+        if resolution is not None and recorded is not None and resolution != recorded:
+            raise ValueError(f'--resolution={_size_text(resolution)} contradicts the network\'s resolution '
+                             f'{_size_text(recorded)}: it takes no coordinates, so there is no frame to change; '
                              f'leave --resolution out and set the size with --image_size')
-        if image_size is None and resolution is None and info.img_resolution is None:
+        if image_size is None and resolution is None and recorded is None:
             raise ValueError('The network does not record its resolution; give the size with --resolution '
                              '(or --image_size)')
-        frame = resolution if resolution is not None else info.img_resolution
-    size = int(image_size if image_size is not None else frame)
+        frame = resolution if resolution is not None else recorded
+    size = image_size if image_size is not None else frame
     multiple = input_multiple(net)
-    if size % multiple:
-        lower = size // multiple * multiple
-        works = ' or '.join(str(s) for s in (lower, lower + multiple) if s)
-        raise ValueError(f'--image_size={size}: this network\'s UNet halves its input {multiple.bit_length() - 1} '
-                         f'times, so the side must be a multiple of {multiple}, such as {works}')
-    return dnnlib.EasyDict(size=size, top=int(y_start), left=int(x_start), frame=None if frame is None else int(frame))
+    for side, what in ((size[0], 'height'), (size[1], 'width')):
+        if side % multiple:
+            lower = side // multiple * multiple
+            works = ' or '.join(str(s) for s in (lower, lower + multiple) if s)
+            raise ValueError(f'--image_size={_size_text(size)}: this network\'s UNet halves its input '
+                             f'{multiple.bit_length() - 1} times, so the {what if size[0] != size[1] else "side"} '
+                             f'must be a multiple of {multiple}, such as {works}')
+    return dnnlib.EasyDict(size=size, top=int(y_start), left=int(x_start), frame=frame)
+
+
+def _size_value(name, value):
+    """(height, width) of a size given as an int side or (height, width); None stays None."""
+    if value is None:
+        return None
+    sides = value if isinstance(value, (tuple, list)) else (value, value)
+    if len(sides) != 2 or any(int(side) != side or side < 1 for side in sides):
+        shown = _size_text(sides) if len(sides) == 2 else value
+        raise ValueError(f'{name}={shown} must be a positive integer (a square\'s side) or WxH of positive integers')
+    return int(sides[0]), int(sides[1])
+
+
+def _size_text(shape):
+    """'64' for a 64 x 64 square, 'WxH' otherwise (shape: (height, width))."""
+    return f'{shape[0]}' if shape[0] == shape[1] else f'{shape[1]}x{shape[0]}'
 
 
 # ----------------------------------------------------------------------------
@@ -222,17 +232,16 @@ class Denoiser:
         return self.net.round_sigma(sigma)
 
     def _coordinates(self, x):
-        """The coordinate input [N, 2 or 4 embed_fq, S, S] float32 for x [N, C, S, S], or None."""
+        """The coordinate input [N, 2 or 4 embed_fq, h, w] float32 for x [N, C, h, w], or None."""
         if not self.info.coordinates:
             return None
         n, _, height, width = x.shape
-        assert height == width, 'coordinate networks sample square images'
-        key = (n, height, x.device)
+        key = (n, height, width, x.device)
         if self._pos is None or self._pos[0] != key:
-            top, left, frame = (0, 0, height) if self.region is None else (
+            top, left, frame = (0, 0, (height, width)) if self.region is None else (
                 self.region.top, self.region.left, self.region.frame)
             corner = torch.zeros(1, dtype=torch.long, device=x.device)
-            pos = patch_grid(corner + top, corner + left, height, frame)                # [1, 2, S, S]
+            pos = patch_grid(corner + top, corner + left, (height, width), frame)       # [1, 2, h, w]
             if self.info.embed_fq:
                 pos = official_pos_embedding(pos, self.info.embed_fq)
             # One image's input, repeated: image k's input never depends on the batch (docs/DESIGN.md section 1).
@@ -245,7 +254,7 @@ class Denoiser:
         return self.net(x, sigma, self._coordinates(x), class_labels)
 
     def __call__(self, x, sigma):
-        """x [N, C, S, S], sigma scalar or [N] -> D(x; sigma) float64 [N, C, S, S]."""
+        """x [N, C, h, w], sigma scalar or [N] -> D(x; sigma) float64 [N, C, h, w]."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
         with torch.no_grad():

@@ -8,6 +8,7 @@ import torch
 from torch_utils import distributed as dist
 from training import image_io, latents, samplers
 from training.denoiser import make_denoiser, network_info, sampling_region
+from training.networks import image_shape
 
 # ----------------------------------------------------------------------------
 # Per-seed random numbers.
@@ -98,8 +99,9 @@ def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=N
     device); batch_size: the most images per batch; class_idx: fixed class
     (None: random per seed, for conditional networks); cfg: guidance
     weight w (1 = off); resolution, image_size, x_start, y_start: the region,
-    an image_size square at column x_start, row y_start of a resolution x
-    resolution coordinate frame (default: the network's whole image; see
+    an image_size rectangle (an int side or (height, width)) at column
+    x_start, row y_start of a coordinate frame of `resolution` (an int side
+    or (height, width); default: the network's whole image; see
     `denoiser.sampling_region`), in the network's pixels (for a latent model,
     latent pixels); rank, world_size: default torch_utils.distributed's;
     latent: for a latent model, the metadata {vae, scale_factor,
@@ -108,8 +110,8 @@ def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=N
     that VAE, loaded now; sampler_kwargs: see `samplers.select_sampler`.
     Arguments are checked at the call (ValueError).
 
-    Returns an iterator of (batch_seeds list[int], images uint8 [n, C, S, S]
-    on device), decoded images [n, 3, f S, f S] for latent models (f: the
+    Returns an iterator of (batch_seeds list[int], images uint8 [n, C, h, w]
+    on device), decoded images [n, 3, f h, f w] for latent models (f: the
     VAE's downsampling factor); image k depends only on seeds[k] and the
     settings.
     """
@@ -121,24 +123,27 @@ def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=N
     world_size = dist.get_world_size() if world_size is None else world_size
     batches = rank_batches(list(seeds), batch_size, rank, world_size)
     device = _module_device(net) if device is None else torch.device(device)
-    shape = [info.img_channels, region.size, region.size]
+    shape = [info.img_channels, *region.size]
     decode = image_io.to_uint8
     if latent is not None:
-        latent = _latent_of_size(latent, region.size, info.img_resolution)
+        latent = _latent_of_size(latent, region.size, info.img_shape)
         decode = latents.pixel_decoder(latent, info.img_channels, device)
     return _generate_batches(net, info, batches, shape, class_idx, cfg, region, device, sampler, sampler_kwargs,
                              decode)
 
 
-def _latent_of_size(latent, size, latent_resolution):
+def _latent_of_size(latent, size, latent_shape):
     """`latent` with its recorded image_resolution scaled from the network's
-    latent_resolution to a size x size sample (dropped if not a whole number)."""
+    latent_shape (height, width) to a sample of `size` (height, width);
+    dropped if not a whole number of pixels."""
     recorded = latent.get('image_resolution')
-    if recorded is None or latent_resolution is None or size == latent_resolution:
+    if recorded is None or latent_shape is None or tuple(size) == tuple(latent_shape):
         return latent
     scaled = {key: value for key, value in latent.items() if key != 'image_resolution'}
-    if recorded * size % latent_resolution == 0:
-        scaled['image_resolution'] = recorded * size // latent_resolution
+    pixels = image_shape(recorded)
+    if all(p * s % l == 0 for p, s, l in zip(pixels, size, latent_shape)):
+        height, width = (p * s // l for p, s, l in zip(pixels, size, latent_shape))
+        scaled['image_resolution'] = height if height == width else [height, width]
     return scaled
 
 
@@ -157,7 +162,7 @@ def sample_grid(net, path, seeds, batch_size=64, class_idx=None, cfg=1.0, device
     """Sample `seeds` in this process alone and write them as one grid PNG at `path`.
 
     For the training loop's samples-NNNNNN.png (call it on one rank); latent:
-    as generate_images's. Returns the images, uint8 [N, C, R, R] on the CPU,
+    as generate_images's. Returns the images, uint8 [N, C, H, W] on the CPU,
     in the order of `seeds`.
     """
     batches = generate_images(net, seeds, batch_size=batch_size, class_idx=class_idx, cfg=cfg, device=device,

@@ -32,6 +32,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training.image_io import to_uint8
+from training.networks import image_shape
 
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'   # the official Patch Diffusion code's VAE
 DEFAULT_SCALE_FACTOR = 0.18215              # Stable Diffusion's latent scale factor
@@ -144,11 +145,20 @@ def decode_latents(vae, latents, scale_factor):
 
 
 def latent_info(vae, scale_factor, image_resolution, latent_channels, latent_resolution):
-    """EasyDict(vae: hub id or folder, scale_factor, image_resolution: pixel
-    side R, latent_channels: C, latent_resolution: R / f) of a latent model;
-    training stores it as dict(...) under the snapshot key 'latent'."""
-    return dnnlib.EasyDict(vae=str(vae), scale_factor=float(scale_factor), image_resolution=int(image_resolution),
-                           latent_channels=int(latent_channels), latent_resolution=int(latent_resolution))
+    """EasyDict(vae: hub id or folder, scale_factor, image_resolution: the
+    pixels, latent_channels: C, latent_resolution: the latents = pixels / f)
+    of a latent model; resolutions are an int side for squares and
+    [height, width] otherwise. Training stores it as dict(...) under the
+    snapshot key 'latent'."""
+    return dnnlib.EasyDict(vae=str(vae), scale_factor=float(scale_factor),
+                           image_resolution=_resolution_value(image_resolution),
+                           latent_channels=int(latent_channels), latent_resolution=_resolution_value(latent_resolution))
+
+
+def _resolution_value(resolution):
+    """An int side for squares (as recorded before non-square images), [height, width] otherwise."""
+    height, width = image_shape(resolution)
+    return height if height == width else [height, width]
 
 
 def generation_latent(recorded=None, on_latents=None, vae=None, scale_factor=None):
@@ -189,12 +199,13 @@ def pixel_decoder(latent, img_channels, device):
                          f'{vae.config.latent_channels}-channel latents; is this a latent model, and the VAE '
                          f'it was trained with?')
     expected = latent.get('image_resolution')
+    expected = None if expected is None else image_shape(expected)
 
     def decode(latents):
         images = decode_latents(vae, latents, latent['scale_factor'])
-        if expected is not None and images.shape[-1] != expected:
+        if expected is not None and tuple(images.shape[-2:]) != expected:
             raise ValueError(f'The VAE {latent["vae"]} decodes {images.shape[-1]}x{images.shape[-2]} images, but '
-                             f'the network was trained on {expected}x{expected} images; give its VAE with --vae')
+                             f'the network was trained on {expected[1]}x{expected[0]} images; give its VAE with --vae')
         return images
     return decode
 
@@ -212,7 +223,7 @@ class PreEncodedLatents:
 
     def __init__(self, dataset):
         self.info = latent_info(dataset.vae, dataset.scale_factor, dataset.image_resolution, dataset.num_channels,
-                                dataset.resolution)
+                                dataset.image_shape[1:])
 
     def __call__(self, stats):
         return draw_latents(stats[:, 0], stats[:, 1], self.info.scale_factor)
@@ -232,11 +243,12 @@ class OnlineEncoder:
         if dataset.num_channels != channels:
             raise ValueError(f'The VAE {vae} encodes {channels}-channel images, but the dataset has '
                              f'{dataset.num_channels}; use an RGB dataset')
-        if dataset.resolution % factor:
+        height, width = dataset.image_shape[1:]
+        if height % factor or width % factor:
             raise ValueError(f'The VAE {vae} downsamples by {factor}, which does not divide the dataset\'s '
-                             f'resolution {dataset.resolution}; use a dataset of a multiple of {factor}')
-        self.info = latent_info(vae, scale_factor, dataset.resolution, self.vae.config.latent_channels,
-                                dataset.resolution // factor)
+                             f'{width}x{height} images; use a dataset whose sides are multiples of {factor}')
+        self.info = latent_info(vae, scale_factor, (height, width), self.vae.config.latent_channels,
+                                (height // factor, width // factor))
         dist.print0(f'Note: encoding every training batch with the VAE {vae}. Encoding the dataset once is faster: '
                     f'python dataset_tool.py encode --source=DATASET --dest=LATENTS.zip --vae={vae}, '
                     f'then train with --data=LATENTS.zip')

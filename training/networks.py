@@ -423,7 +423,7 @@ class SongUNet(torch.nn.Module):
     """
 
     def __init__(self,
-                 img_resolution,                 # Resolution of the full image; names the layers.
+                 img_resolution,                 # Full image side (shorter if not square): layer names, attention.
                  in_channels,                    # Input channels (image + coordinate channels).
                  out_channels,                   # Output channels.
                  label_dim=0,                    # Number of class labels, 0 = unconditional.
@@ -580,7 +580,7 @@ class DhariwalUNet(torch.nn.Module):
     """
 
     def __init__(self,
-                 img_resolution,                 # Resolution of the full image; names the layers.
+                 img_resolution,                 # Full image side (shorter if not square): layer names, attention.
                  in_channels,                    # Input channels (image + coordinate channels).
                  out_channels,                   # Output channels.
                  label_dim=0,                    # Number of class labels, 0 = unconditional.
@@ -680,30 +680,42 @@ MODELS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 # patching.py, because a network pickle embeds this module's source alone.
 
 
+def image_shape(size):
+    """(height, width) of a size given as an int (a square's side) or a pair (height, width)."""
+    if isinstance(size, (tuple, list)):
+        height, width = size
+        return int(height), int(width)
+    return int(size), int(size)
+
+
 def coordinate_values(index, resolution):
-    """Pixel indices of the full image mapped to [-1, 1]: (index / (R - 1) - 0.5) * 2."""
+    """Pixel indices of one axis of the full image mapped to [-1, 1]: (index / (R - 1) - 0.5) * 2,
+    R = the image's extent along that axis."""
     return (index / (resolution - 1) - 0.5) * 2
 
 
 def patch_grid(top, left, size, resolution, dtype=torch.float32):
-    """Coordinate grids of P x P patches whose top-left corners are (top, left).
+    """Coordinate grids of h x w patches whose top-left corners are (top, left).
 
-    top, left: integer tensors [N]. Returns [N, 2, P, P]: channel 0 is x
-    (column), channel 1 is y (row), in full-image coordinates (in [-1, 1]
-    inside the R x R frame). The integer indices go through the formula in
-    float32 arithmetic, exactly as the official Patch Diffusion code computes
-    them, so its networks see the same bits here (docs/DESIGN.md section 2).
+    top, left: integer tensors [N]; size: the patch, an int (square) or
+    (h, w); resolution: the full image, an int (square) or (H, W). Returns
+    [N, 2, h, w]: channel 0 is x (column), channel 1 is y (row), in
+    full-image coordinates, each axis mapped to [-1, 1] over its own extent
+    (inside the H x W frame; docs/DESIGN.md section 2). The integer indices go
+    through the formula in float32 arithmetic, exactly as the official Patch
+    Diffusion code computes them, so its networks see the same bits here.
     """
-    offsets = torch.arange(size, device=top.device)
-    rows = coordinate_values(top[:, None] + offsets, resolution).to(dtype)    # [N, P]; int64 / int -> float32
-    cols = coordinate_values(left[:, None] + offsets, resolution).to(dtype)   # [N, P]
-    x = cols[:, None, :].expand(-1, size, -1)
-    y = rows[:, :, None].expand(-1, -1, size)
+    (height, width), (frame_h, frame_w) = image_shape(size), image_shape(resolution)
+    rows = coordinate_values(top[:, None] + torch.arange(height, device=top.device), frame_h).to(dtype)   # [N, h]
+    cols = coordinate_values(left[:, None] + torch.arange(width, device=top.device), frame_w).to(dtype)   # [N, w]
+    x = cols[:, None, :].expand(-1, height, -1)
+    y = rows[:, :, None].expand(-1, -1, width)
     return torch.stack([x, y], dim=1)
 
 
 def full_grid(resolution, batch_size=1, device='cpu', dtype=torch.float32):
-    """The coordinate grid of the whole R x R image, [N, 2, R, R] (training at P = R, and sampling)."""
+    """The coordinate grid of the whole image (an int side or (H, W)), [N, 2, H, W]
+    (training at full size, and sampling)."""
     zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
     return patch_grid(zeros, zeros, resolution, resolution, dtype=dtype)
 
@@ -733,7 +745,7 @@ class _Precond(torch.nn.Module):
     """
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
-                 model_type, model_kwargs):
+                 model_type, model_kwargs, img_shape=None):
         super().__init__()
         if model_type not in MODELS:
             raise ValueError(f'model_type={model_type!r} is unknown; choose one of {", ".join(map(repr, MODELS))}')
@@ -741,6 +753,9 @@ class _Precond(torch.nn.Module):
             raise ValueError(f'pos_freqs={pos_freqs!r} must be a non-negative integer')
         if pos_freqs and not use_pos:
             raise ValueError(f'pos_freqs={pos_freqs} needs coordinate channels; set use_pos=True or pos_freqs=0')
+        self.img_shape = image_shape(img_shape if img_shape is not None else img_resolution)
+        if img_resolution != min(self.img_shape):
+            raise ValueError(f'img_resolution={img_resolution} must be the shorter side of img_shape={img_shape}')
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
@@ -809,10 +824,10 @@ class _Precond(torch.nn.Module):
             return None
         n, _, height, width = x.shape
         if pos is None:
-            if height != self.img_resolution or width != self.img_resolution:
-                raise ValueError(f'pos is needed for a {height}x{width} patch; the default (the full image grid) '
-                                 f'only fits {self.img_resolution}x{self.img_resolution} inputs')
-            pos = full_grid(self.img_resolution, n, x.device)
+            if (height, width) != self.img_shape:
+                raise ValueError(f'pos is needed for a {width}x{height} patch; the default (the full image grid) '
+                                 f'only fits {self.img_shape[1]}x{self.img_shape[0]} inputs')
+            pos = full_grid(self.img_shape, n, x.device)
         if tuple(pos.shape) != (n, 2, height, width):
             raise ValueError(f'pos has shape {list(pos.shape)}; expected [N, 2, H, W] = {[n, 2, height, width]}')
         return _encode_coordinates(pos.to(device=x.device, dtype=torch.float32), self.pos_freqs)
@@ -828,7 +843,7 @@ class VPPrecond(_Precond):
     """
 
     def __init__(self,
-                 img_resolution,                 # Image resolution R (the full image).
+                 img_resolution,                 # Side R of the full image (the shorter side if not square).
                  img_channels,                   # Image channels C (without coordinate channels).
                  label_dim=0,                    # Number of class labels, 0 = unconditional.
                  use_fp16=False,                 # Run the UNet in fp16 on CUDA.
@@ -840,10 +855,11 @@ class VPPrecond(_Precond):
                  use_pos=False,                  # Add coordinate channels (Patch Diffusion).
                  pos_freqs=0,                    # Sin/cos frequencies added to the coordinate channels.
                  implicit_mlp=False,             # ImplicitMLP as the UNet's first layer.
+                 img_shape=None,                 # [H, W] of a non-square image (img_resolution = min(H, W)).
                  **model_kwargs,                 # Passed to the UNet.
                  ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
-                         model_type, model_kwargs)
+                         model_type, model_kwargs, img_shape)
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.M = M
@@ -878,7 +894,7 @@ class VEPrecond(_Precond):
     """
 
     def __init__(self,
-                 img_resolution,                 # Image resolution R (the full image).
+                 img_resolution,                 # Side R of the full image (the shorter side if not square).
                  img_channels,                   # Image channels C (without coordinate channels).
                  label_dim=0,                    # Number of class labels, 0 = unconditional.
                  use_fp16=False,                 # Run the UNet in fp16 on CUDA.
@@ -888,10 +904,11 @@ class VEPrecond(_Precond):
                  use_pos=False,                  # Add coordinate channels (Patch Diffusion).
                  pos_freqs=0,                    # Sin/cos frequencies added to the coordinate channels.
                  implicit_mlp=False,             # ImplicitMLP as the UNet's first layer.
+                 img_shape=None,                 # [H, W] of a non-square image (img_resolution = min(H, W)).
                  **model_kwargs,                 # Passed to the UNet.
                  ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
-                         model_type, model_kwargs)
+                         model_type, model_kwargs, img_shape)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
@@ -913,7 +930,7 @@ class EDMPrecond(_Precond):
     """
 
     def __init__(self,
-                 img_resolution,                 # Image resolution R (the full image).
+                 img_resolution,                 # Side R of the full image (the shorter side if not square).
                  img_channels,                   # Image channels C (without coordinate channels).
                  label_dim=0,                    # Number of class labels, 0 = unconditional.
                  use_fp16=False,                 # Run the UNet in fp16 on CUDA.
@@ -924,10 +941,11 @@ class EDMPrecond(_Precond):
                  use_pos=False,                  # Add coordinate channels (Patch Diffusion).
                  pos_freqs=0,                    # Sin/cos frequencies added to the coordinate channels.
                  implicit_mlp=False,             # ImplicitMLP as the UNet's first layer.
+                 img_shape=None,                 # [H, W] of a non-square image (img_resolution = min(H, W)).
                  **model_kwargs,                 # Passed to the UNet.
                  ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
-                         model_type, model_kwargs)
+                         model_type, model_kwargs, img_shape)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
@@ -960,7 +978,14 @@ ARCHITECTURES = {
 
 
 def build_network(network_kwargs, img_resolution, img_channels, label_dim):
-    """The preconditioned network of resolved options {precond, model_type, ...}."""
+    """The preconditioned network of resolved options {precond, model_type, ...}
+    for images of `img_resolution`: an int (square) or (height, width). A
+    non-square network names its layers and places attention by its shorter
+    side (docs/DESIGN.md section 2), so it shares its weights' names with the
+    square network of that side."""
     kwargs = dict(network_kwargs)
-    return PRECONDITIONERS[kwargs.pop('precond')](img_resolution=img_resolution, img_channels=img_channels,
+    height, width = image_shape(img_resolution)
+    if height != width:
+        kwargs['img_shape'] = [height, width]
+    return PRECONDITIONERS[kwargs.pop('precond')](img_resolution=min(height, width), img_channels=img_channels,
                                                   label_dim=label_dim, **kwargs)

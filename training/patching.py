@@ -1,35 +1,49 @@
 """Everything about patches: sizes, probabilities, batch multipliers, the
 per-step draw, cropping and coordinate grids (docs/DESIGN.md section 2).
 
-Conventions
-- A square image of resolution R is trained on square patches of size P.
-- Pixel space: P in {R/4, R/2, R} with probabilities
-  {(1-p)*2/5, (1-p)*3/5, p}; latent space: P in {R/2, R} with {1-p, p};
-  p = real_p is the share of full-size steps (p = 1 is plain EDM training).
-- Batch multiplier m(P) = R / P: a step at patch size P uses m(P) times the
-  full-image batch, so the pixels per step are (R/P) * P^2 = R * P, at most
-  those of a full step. This reproduces the official table at R = 64
-  (32 -> 2x, 16 -> 4x) and holds at every power-of-two resolution.
-- Image accounting: a step adds the images it used, batch * m(P), to the
+Conventions (shapes are (height, width); a square of side R is (R, R))
+- An H x W image is trained on h x w patches, the image scaled by a fraction
+  f: h = floor(H f) and w = floor(W f), each rounded down to a multiple of
+  the network's input multiple q (2^(levels - 1) for a UNet), so a patch has
+  the image's aspect up to that rounding.
+- Pixel space: f in {1/4, 1/2, 1} with probabilities {(1-p)*2/5, (1-p)*3/5,
+  p}; latent space: f in {1/2, 1} with {1-p, p}; p = real_p is the share of
+  full-size steps (p = 1 is plain EDM training). A square of side R gets
+  the official sizes {R/4, R/2, R}.
+- Batch multiplier m = floor(sqrt(H W / (h w))): a step at patch h x w uses
+  m times the full-image batch, so its pixels are m h w <= sqrt(H W h w) <=
+  H W, at most those of a full step. For squares m = R / P: the official
+  table at R = 64 (32 -> 2x, 16 -> 4x) and every power-of-two resolution.
+- Image accounting: a step adds the images it used, batch * m, to the
   progress counter (batch * E[m] on average).
-- The smallest patch is never below PATCH_FLOOR pixels; a resolution too
-  small for the requested sizes is an error.
+- Each side of a patch is at least PATCH_FLOOR pixels; an image too small for
+  the requested sizes is an error.
 - Coordinates: channel 0 = x (column), channel 1 = y (row) of each patch
-  pixel in the FULL image, mapped to [-1, 1] by (index / (R - 1) - 0.5) * 2.
+  pixel in the FULL image, each axis mapped to [-1, 1] over its own extent:
+  x = (column / (W - 1) - 0.5) * 2, y = (row / (H - 1) - 0.5) * 2.
 """
+
+import math
 
 import numpy as np
 import torch
 
-from training.networks import coordinate_values, full_grid, patch_grid  # noqa: F401 (the grid is part of this API)
+from training.networks import coordinate_values, full_grid, image_shape, patch_grid  # noqa: F401 (part of this API)
 
 PATCH_FLOOR = 8
 
 
-def patch_sizes(resolution, latent=False):
-    """Patch sizes in increasing order: [R/4, R/2, R] (pixels) or [R/2, R] (latents)."""
+def patch_sizes(resolution, latent=False, multiple=1):
+    """Patch sizes in increasing order, for scale fractions [1/4, 1/2, 1]
+    (pixels) or [1/2, 1] (latents) of an image of `resolution`; the sides of
+    the smaller patches are rounded down to a multiple of `multiple`, the full
+    image is the last one. As `resolution` is given: int sides for a square
+    image (an int or (R, R)), (h, w) pairs otherwise."""
+    height, width = image_shape(resolution)
     fractions = (2, 1) if latent else (4, 2, 1)
-    return [resolution // f for f in fractions]
+    sizes = [(height // f // multiple * multiple, width // f // multiple * multiple) for f in fractions[:-1]]
+    sizes.append((height, width))
+    return [h for h, _ in sizes] if height == width else sizes
 
 
 def patch_probs(real_p, latent=False):
@@ -40,46 +54,85 @@ def patch_probs(real_p, latent=False):
 
 
 def batch_multiplier(resolution, patch_size):
-    """Images per step at `patch_size`, relative to a full-image step: R / P."""
-    return resolution // patch_size
+    """Images per step at `patch_size`, relative to a full-image step:
+    floor(sqrt(H W / (h w))), which is R / P for squares. Both arguments are
+    an int side or (height, width)."""
+    (height, width), (h, w) = image_shape(resolution), image_shape(patch_size)
+    return max(1, math.isqrt(height * width // (h * w)))
+
+
+def size_label(size):
+    """A patch size for people: '16' for a 16 x 16 square, '24x16' (width x height) otherwise."""
+    height, width = image_shape(size)
+    return f'{height}' if height == width else f'{width}x{height}'
+
+
+def check_image_shape(shape, multiple, what='images'):
+    """ValueError unless both sides of `shape` (height, width) are multiples of
+    the network's input `multiple`; the message names the nearest shapes that work."""
+    height, width = image_shape(shape)
+    if height % multiple == 0 and width % multiple == 0:
+        return
+
+    def nearest(side):
+        lower = side // multiple * multiple
+        return sorted({s for s in (lower, lower + multiple) if s > 0}, key=lambda s: (abs(s - side), s))
+
+    shapes = sorted({(h, w) for h in nearest(height) for w in nearest(width)},
+                    key=lambda s: (abs(s[0] - height) + abs(s[1] - width), s))[:2]
+    raise ValueError(f'The {what} are {width}x{height} pixels, but this network halves its input '
+                     f'{multiple.bit_length() - 1} times, so both sides must be multiples of {multiple}; the nearest '
+                     f'shapes that work are {" and ".join(f"{w}x{h}" for h, w in shapes)} (width x height)')
 
 
 class PatchSchedule:
     """Which patch size each training step uses, and how many images it counts.
 
     Args:
-        resolution:  R, the side of the (square) training images or latents.
+        resolution:  the training images or latents: an int side R or (H, W).
         real_p:      share of full-size steps, in [0, 1].
-        latent:      latent-space size set {R/2, R} instead of {R/4, R/2, R}.
+        latent:      latent-space size set {1/2, 1} instead of {1/4, 1/2, 1}.
         progressive: train on the sizes in increasing order, switching at the
                      cumulative shares of the distribution, instead of drawing.
         seed:        the draw at step k uses a generator seeded by (seed, k),
                      the same on every rank, so all ranks do equal work.
+        multiple:    patch sides are multiples of this (the network's input
+                     multiple: 2^(levels - 1) for a UNet).
+    `sizes`: see `patch_sizes` (int sides for square images, (h, w) otherwise).
     """
 
-    def __init__(self, resolution, real_p, latent=False, progressive=False, seed=0):
+    def __init__(self, resolution, real_p, latent=False, progressive=False, seed=0, multiple=1):
         if not 0 <= real_p <= 1:
             raise ValueError(f'real_p must be in [0, 1], got {real_p}')
-        sizes = patch_sizes(resolution, latent)
+        self.shape = image_shape(resolution)
+        sizes = patch_sizes(self.shape, latent, multiple)
         probs = patch_probs(real_p, latent)
         keep = [i for i, q in enumerate(probs) if q > 0]
-        self.resolution = int(resolution)
         self.sizes = [sizes[i] for i in keep]
         self.probs = [probs[i] for i in keep]
-        patches = [s for s in self.sizes if s < resolution]   # full images need no floor
-        if any(s < PATCH_FLOOR or resolution % s for s in patches):
+        patches = [image_shape(s) for s in self.sizes if image_shape(s) != self.shape]   # full images need no floor
+        if any(min(s) < max(PATCH_FLOOR, multiple) for s in patches):
+            smallest = max(PATCH_FLOOR, multiple) * (2 if latent else 4)
             raise ValueError(
-                f'Resolution {resolution} is too small for patch sizes {sizes} (the smallest patch must be '
-                f'at least {PATCH_FLOOR} pixels and divide the resolution): use a resolution of at least '
-                f'{PATCH_FLOOR * (2 if latent else 4)} or --real_p=1 (full images only)')
-        self.multipliers = [batch_multiplier(resolution, s) for s in self.sizes]
+                f'Images of {self.shape[1]}x{self.shape[0]} pixels are too small for patch sizes '
+                f'{", ".join(size_label(s) for s in sizes)} (every side of a patch must be at least '
+                f'{max(PATCH_FLOOR, multiple)} pixels): use images whose shorter side is at least {smallest}, '
+                f'or --real_p=1 (full images only)')
+        self.multipliers = [batch_multiplier(self.shape, s) for s in self.sizes]
         self.expected_multiplier = float(np.dot(self.probs, self.multipliers))
         self.progressive = progressive
         self.seed = int(seed)
         self._cum_probs = np.cumsum(self.probs)
 
+    @property
+    def resolution(self):
+        """The side of square images; ValueError for non-square ones (use `shape`)."""
+        if self.shape[0] != self.shape[1]:
+            raise ValueError(f'The images are {size_label(self.shape)}, not square')
+        return self.shape[0]
+
     def draw(self, step, progress=0.0):
-        """Patch size of training step `step`; `progress` in [0, 1] is the
+        """Patch size of training step `step` (one of `sizes`); `progress` in [0, 1] is the
         fraction of the training images seen before the step (used by the
         progressive schedule: the first size whose cumulative share is >= the
         progress, as the official code switches)."""
@@ -91,39 +144,46 @@ class PatchSchedule:
         return self.sizes[min(index, len(self.sizes) - 1)]
 
     def multiplier(self, patch_size):
-        return batch_multiplier(self.resolution, patch_size)
+        return batch_multiplier(self.shape, patch_size)
 
     def describe(self):
-        return ', '.join(f'{s}px: p={q:.3f} x{m}' for s, q, m in zip(self.sizes, self.probs, self.multipliers))
+        return ', '.join(f'{size_label(s)}px: p={q:.3f} x{m}' for s, q, m in zip(self.sizes, self.probs, self.multipliers))
 
 
 def random_corners(batch_size, resolution, size, generator=None, device='cpu'):
-    """Uniform top-left corners (top, left) in [0, R - P], each [N] long."""
-    corners = torch.randint(0, resolution - size + 1, (2, batch_size), generator=generator)
+    """Uniform top-left corners (top, left), top in [0, H - h] and left in
+    [0, W - w], each [N] long (resolution, size: int sides or (height, width))."""
+    (height, width), (h, w) = image_shape(resolution), image_shape(size)
+    if height - h == width - w:   # one draw for both, as for squares
+        corners = torch.randint(0, height - h + 1, (2, batch_size), generator=generator)
+    else:
+        corners = torch.stack([torch.randint(0, height - h + 1, (batch_size,), generator=generator),
+                               torch.randint(0, width - w + 1, (batch_size,), generator=generator)])
     if torch.device(device).type == 'cuda':
         corners = corners.pin_memory().to(device, non_blocking=True)   # no wait for the device
     return corners[0], corners[1]
 
 
 def crop(images, top, left, size):
-    """Crop a P x P patch from each image at its own corner, without a Python loop.
+    """Crop an h x w patch (size: int or (h, w)) from each image at its own corner, without a Python loop.
 
-    images [N, C, R, R]; top, left [N] long. Returns [N, C, P, P].
+    images [N, C, H, W]; top, left [N] long. Returns [N, C, h, w].
     """
-    offsets = torch.arange(size, device=images.device)
-    rows = (top.to(images.device)[:, None] + offsets)[:, :, None]         # [N, P, 1]
-    cols = (left.to(images.device)[:, None] + offsets)[:, None, :]        # [N, 1, P]
+    h, w = image_shape(size)
+    rows = (top.to(images.device)[:, None] + torch.arange(h, device=images.device))[:, :, None]    # [N, h, 1]
+    cols = (left.to(images.device)[:, None] + torch.arange(w, device=images.device))[:, None, :]   # [N, 1, w]
     batch = torch.arange(images.shape[0], device=images.device)[:, None, None]
-    return images[batch, :, rows, cols].permute(0, 3, 1, 2)              # [N, P, P, C] -> [N, C, P, P]
+    return images[batch, :, rows, cols].permute(0, 3, 1, 2)              # [N, h, w, C] -> [N, C, h, w]
 
 
 def random_patches(images, size, generator=None):
-    """Crop one random P x P patch per image; returns (patches, pos) with pos
-    the [N, 2, P, P] coordinate grid. P == R returns the images and full grid."""
+    """Crop one random h x w patch (size: int or (h, w)) per image; returns
+    (patches, pos) with pos the [N, 2, h, w] coordinate grid. The full size
+    returns the images and the full grid."""
     n, _, height, width = images.shape
-    assert height == width, 'images must be square'
-    if size == height:
-        return images, full_grid(height, n, images.device, images.dtype if images.is_floating_point() else torch.float32)
-    top, left = random_corners(n, height, size, generator, images.device)
+    size = image_shape(size)
     dtype = images.dtype if images.is_floating_point() else torch.float32
-    return crop(images, top, left, size), patch_grid(top, left, size, height, dtype)
+    if size == (height, width):
+        return images, full_grid((height, width), n, images.device, dtype)
+    top, left = random_corners(n, (height, width), size, generator, images.device)
+    return crop(images, top, left, size), patch_grid(top, left, size, (height, width), dtype)

@@ -202,8 +202,7 @@ def convert_snapshot(src, dest):
 def _same_output(net_a, net_b):
     """Whether two networks give bit-identical D(x; sigma) on one random full-size input."""
     info = network_info(net_a)
-    resolution = info.img_resolution
-    x = torch.randn([1, info.img_channels, resolution, resolution], generator=torch.Generator().manual_seed(0))
+    x = torch.randn([1, info.img_channels, *info.img_shape], generator=torch.Generator().manual_seed(0))
     labels = torch.zeros([1, info.label_dim]) if info.label_dim else None
     out_a = make_denoiser(net_a, labels)(x, 1.0)
     out_b = make_denoiser(net_b, labels)(x, 1.0)

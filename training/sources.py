@@ -364,7 +364,7 @@ def open_demo(spec, max_images=None, resolution=None, channels=None):
     count = int(match.group(1)) if match.group(1) else demo_data.DEFAULT_COUNT
     if count < 1:
         raise ValueError(f'--source={spec}: the image count must be >= 1')
-    size = demo_data.DEFAULT_RESOLUTION if resolution is None else resolution[0]
+    size = demo_data.DEFAULT_RESOLUTION if resolution is None else tuple(resolution)   # (width, height)
     try:
         demo_data.check_resolution(size)
     except ValueError as err:

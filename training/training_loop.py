@@ -40,7 +40,8 @@ from training.augment import AugmentPipe
 from training.dataset import open_dataset
 from training.loss import build_loss
 from training.metrics import calc_metric_for_network
-from training.networks import build_network
+from training.denoiser import input_multiple
+from training.networks import build_network, image_shape
 
 
 def step_seed(seed, rank, step):
@@ -130,19 +131,22 @@ class Trainer:
         # Latent space: a pre-encoded archive, or raw images encoded on the fly (docs/DESIGN.md section 2).
         self.encoder = latents.latent_encoder(self.dataset, latent_kwargs, device)
         if self.encoder is not None:
-            resolution, channels = self.encoder.info.latent_resolution, self.encoder.info.latent_channels
+            shape, channels = image_shape(self.encoder.info.latent_resolution), self.encoder.info.latent_channels
         else:
-            resolution, channels = self.dataset.resolution, self.dataset.num_channels
-        self.schedule = patching.PatchSchedule(resolution, patch_kwargs.get('real_p', 1.0),
+            shape, channels = tuple(self.dataset.image_shape[1:]), self.dataset.num_channels
+        torch.manual_seed(seed)   # the same initial weights on every rank and in every run with this seed
+        self.net = build_network(network_kwargs, shape, channels, self.dataset.label_dim)
+        multiple = input_multiple(self.net)
+        patching.check_image_shape(shape, multiple, 'latents' if self.encoder is not None else 'images')
+        self.schedule = patching.PatchSchedule(shape, patch_kwargs.get('real_p', 1.0),
                                                latent=self.encoder is not None,
-                                               progressive=patch_kwargs.get('progressive', False), seed=seed)
+                                               progressive=patch_kwargs.get('progressive', False), seed=seed,
+                                               multiple=multiple)
         self.batch_size = batch_size
         self.nimg_per_step = batch_size * self.schedule.expected_multiplier   # images per step on average
         self.total_nimg = max(int(total_kimg * 1000), 1)
         self.cur_nimg = 0   # images trained on: each step adds batch * m(P) (docs/DESIGN.md section 2)
 
-        torch.manual_seed(seed)   # the same initial weights on every rank and in every run with this seed
-        self.net = build_network(network_kwargs, resolution, channels, self.dataset.label_dim)
         # Inputs stay as they are (the noise drawn for them keeps its values): a convolution
         # with channels-last weights returns channels-last activations from the first layer on.
         memory_format = torch.channels_last if performance['channels_last'] else torch.contiguous_format
@@ -367,8 +371,7 @@ def _start(trainer, transfer_pkl, resume_state):
 def _print_network_summary(trainer):
     """EDM's table of the network's modules, parameters and output shapes (one full-size forward pass)."""
     net, n = trainer.net, min(trainer.batch_gpu, 4)
-    R = trainer.schedule.resolution
-    x = torch.zeros([n, net.img_channels, R, R], device=trainer.device)
+    x = torch.zeros([n, net.img_channels, *trainer.schedule.shape], device=trainer.device)
     sigma = torch.ones([n], device=trainer.device)
     labels = torch.zeros([n, net.label_dim], device=trainer.device)
     with torch.no_grad():
@@ -419,7 +422,7 @@ class _TickReporter:
             torch.cuda.reset_peak_memory_stats()
         sizes = trainer.schedule.sizes
         for P in sizes:
-            training_stats.report0(f'Patches/steps_{P}px', self.patch_counts.get(P, 0))
+            training_stats.report0(f'Patches/steps_{patching.size_label(P)}px', self.patch_counts.get(P, 0))
         self.collector.update()
         mean = self.collector.mean
         fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.3f}', f'loss {mean("Loss/loss"):<8.4f}',
@@ -428,7 +431,7 @@ class _TickReporter:
                   f'cpumem {cpu_mem_gb:<6.2f}']
         if device.type == 'cuda':
             fields.append(f'gpumem {mean("Resources/peak_gpu_mem_gb"):<6.2f}')
-        fields.append('patches ' + ' '.join(f'{P}:{self.patch_counts.get(P, 0)}' for P in sizes))
+        fields.append('patches ' + ' '.join(f'{patching.size_label(P)}:{self.patch_counts.get(P, 0)}' for P in sizes))
         if bad_steps:
             fields.append(f'bad_steps {bad_steps}')
         dist.print0('  '.join(fields))
