@@ -22,7 +22,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import config, latents, metrics, networks, presets, runs, snapshots
+from training import config, latents, metrics, networks, presets, runs, snapshots, stopping
 from training.dataset import dataset_class_name, open_dataset
 from training.training_loop import training_loop
 
@@ -76,6 +76,10 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=D.cache, show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=D.workers, show_default=True)
 @click.option('--device', help='cpu, cuda or cuda:N (under torchrun, cuda is each process\'s LOCAL_RANK GPU)  [default: cuda if available, else cpu]', metavar='STR', type=str)
+@click.option('--max-minutes', '--max_minutes', 'max_minutes', help='Stop at a step boundary after this many minutes, with a training state, exit status 75 (as on SIGTERM, SIGINT, SIGUSR1); the same command resumes', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--hang-timeout', '--hang_timeout', 'hang_timeout', help='Seconds a rank may wait for the others in a collective before the job ends naming the rank that stopped', metavar='SECONDS', type=click.FloatRange(min=1), default=D.hang_timeout, show_default=True)
+@click.option('--snapshot-on-stop', '--snapshot_on_stop', 'snapshot_on_stop', help='Also write a network snapshot (with samples and metrics) when stopped early', metavar='BOOL', type=bool, default=D.snapshot_on_stop, show_default=True)
+@click.option('--accept-changed-data', '--accept_changed_data', 'accept_changed_data', help='Resume even if the dataset\'s files changed since the training state was written', metavar='BOOL', type=bool, default=D.accept_changed_data, show_default=True)
 @click.option('--max-bad-steps', '--max_bad_steps', 'max_bad_steps', help='Stop at the end of a tick once more than N steps had non-finite gradients (they are skipped)', metavar='INT', type=click.IntRange(min=0), default=D.max_bad_steps, show_default=True)
 # I/O-related.
 @click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
@@ -110,14 +114,18 @@ def main(**kwargs):
         device = dist.init(opts.device)
     except RuntimeError as err:
         raise ValueError(f'--device={opts.device}: {err}') from None
-    failure, trace = None, None
+    failure, trace, stopped = None, None, False
     try:
         train(opts, device)
+    except stopping.Stopped:
+        stopped = True
     except Exception as err:   # reported after shutdown: a live traceback would keep DDP alive past it
         failure = click.ClickException(failure_message(err))
         trace = traceback.format_exc() if dnnlib.util.debug_requested() else None
     gc.collect()   # free DDP (its reference cycles hold the process group) before the group goes
     dist.shutdown()
+    if stopped:
+        sys.exit(stopping.EXIT_STOPPED)
     if failure is not None:
         if trace:
             sys.stderr.write(trace)
@@ -128,6 +136,8 @@ def failure_message(err):
     """The one-line message of an error that stopped training."""
     if isinstance(err, click.ClickException):
         return err.format_message()
+    if isinstance(err, stopping.HungRank):
+        return dnnlib.util.one_line(err)
     if isinstance(err, RuntimeError) and dist.get_world_size() > 1:
         return (f'{dnnlib.util.one_line(err)} -- with several processes this usually means that another process '
                 f'of the run failed or was killed (its output says why); torchrun --max-restarts, or running the '
@@ -195,6 +205,10 @@ def train(opts, device):
     try:
         training_loop(**c)
         failed = False
+    except stopping.Stopped as stop:   # a signal or --max-minutes: the state is saved
+        failed = False
+        dist.print0(str(stop))   # before the log closes
+        raise
     finally:
         if logger is not None:
             logger.close()

@@ -347,7 +347,7 @@ class Logger:
 # Errors of the command-line tools: one line on stderr, a traceback only on request.
 
 _DEBUG_KEY = 'patch_diffusion.debug'
-_EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+_EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, MemoryError)
 
 
 def debug_option(fn):
@@ -369,9 +369,12 @@ def debug_requested():
 
 def error_line(err):
     """One line that says what went wrong: the message of an expected error (a
-    user error: ValueError, OSError, FloatingPointError), else its type and
+    user error: ValueError, OSError, FloatingPointError, MemoryError), else its type and
     message with a hint to get the traceback."""
-    text = one_line(err)
+    text = str(err)
+    if 'Original Traceback' in text:   # re-raised from a DataLoader worker: the worker's error is the last line
+        text = text.strip().splitlines()[-1].split(': ', 1)[-1]
+    text = one_line(text)
     if isinstance(err, _EXPECTED_ERRORS) and text:
         return text
     return f'{type(err).__name__}: {text or "(no message)"} (unexpected; --debug or PD_DEBUG=1 shows the traceback)'

@@ -1,17 +1,29 @@
 """torch.distributed set-up from torchrun's environment, or a single process.
 
 NCCL on CUDA, gloo on CPU. Collectives time out (default 10 minutes, env
-PD_DIST_TIMEOUT_S) so a dead peer cannot hang the others forever.
+PD_DIST_TIMEOUT_S) so a dead or stuck peer cannot hang the others forever;
+the training steps use groups of their own with a shorter timeout
+(`make_step_groups`, train.py's --hang-timeout), including a gloo group for
+small host-side messages (`gather_ints`) that never waits for the GPU. Each
+rank's heartbeat (its step, in the job's key-value store) tells which rank
+fell behind.
 """
 
 import datetime
 import os
+import threading
+import time
 
 import torch
 
 import dnnlib
 
 _device = None
+_step_groups = {}   # make_step_groups: 'ddp' (the main backend) and 'control' (gloo), with the hang timeout
+_HEARTBEAT_KEY = 'pd-heartbeat/'
+_ALIVE_KEY = 'pd-alive/'
+ALIVE_INTERVAL_S = 2
+_beats = dict(count=0, step=0)   # this rank's waits in the step groups so far, and its last step
 
 
 def _env_int(name, default):
@@ -53,6 +65,43 @@ def init(device=None, timeout_s=None):
             del kwargs['init_method']
         torch.distributed.init_process_group(**kwargs)
     return device
+
+
+def make_step_groups(timeout_s):
+    """Process groups for training steps, both timing out after `timeout_s`
+    seconds (the hang timeout): one of the main backend for DDP's gradients
+    (`step_group`), and a gloo one for `gather_ints`. Every rank calls this,
+    in the same order; the default group keeps its longer timeout for the
+    rest (rank 0 writing snapshots, downloads). No-op in a single process."""
+    if get_world_size() == 1:
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    _step_groups['ddp'] = torch.distributed.new_group(backend=torch.distributed.get_backend(), timeout=timeout)
+    _step_groups['control'] = torch.distributed.new_group(backend='gloo', timeout=timeout)
+    store = _store()
+    if store is not None:   # a sign of life while this process runs at all (a stopped process's threads stop too)
+        threading.Thread(target=_signs_of_life, args=(store, get_rank()), daemon=True).start()
+
+
+def _signs_of_life(store, rank):
+    """Write the time into the store every ALIVE_INTERVAL_S seconds, until the process ends."""
+    while True:
+        try:
+            store.set(f'{_ALIVE_KEY}{rank}', repr(time.time()))
+        except RuntimeError:   # the store's host is gone: the job is ending
+            return
+        time.sleep(ALIVE_INTERVAL_S)
+
+
+def step_group():
+    """The group for DDP made by `make_step_groups` (None: the default group)."""
+    return _step_groups.get('ddp')
+
+
+def step_control_group():
+    """The gloo group of `make_step_groups`, for the waits of a training loop
+    (None: the default group)."""
+    return _step_groups.get('control')
 
 
 def get_device():
@@ -99,20 +148,79 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def broadcast_object(obj, src=0):
-    """Rank `src`'s Python object, on every rank."""
+def gather_ints(value):
+    """Every rank's int `value`, as a list indexed by rank, through the gloo group
+    of `make_step_groups` (or the default group, if gloo): no GPU
+    synchronisation. [value] in a single process."""
+    if get_world_size() == 1:
+        return [int(value)]
+    values = torch.zeros(get_world_size(), dtype=torch.int64)
+    values[get_rank()] = int(value)
+    _beat()
+    torch.distributed.all_reduce(values, group=_step_groups.get('control'))
+    return values.tolist()
+
+
+def _store():
+    """The job's key-value store (torchrun's), or None."""
+    try:
+        return torch.distributed.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def heartbeat(step):
+    """Note that this rank has done `step` steps; the next wait in a step group records it."""
+    _beats['step'] = int(step)
+
+
+def _beat():
+    """Record in the job's store, before a wait in a step group, how many such
+    waits this rank has entered and its last step (no-op in a single process)."""
+    _beats['count'] += 1
+    store = _store() if get_world_size() > 1 else None
+    if store is not None:
+        store.set(f'{_HEARTBEAT_KEY}{get_rank()}', f'{_beats["count"]}:{_beats["step"]}')
+
+
+def read_heartbeats():
+    """{rank: (waits entered, last step, seconds since its last sign of life)}
+    (entries None where a rank recorded nothing), or {} if the store cannot be
+    read (e.g. its host is gone)."""
+    store = _store()
+    if store is None or get_world_size() == 1:
+        return {}
+    beats = {}
+    try:
+        for rank in range(get_world_size()):
+            key, alive = f'{_HEARTBEAT_KEY}{rank}', f'{_ALIVE_KEY}{rank}'
+            count, step = (int(v) for v in store.get(key).decode().split(':')) if store.check([key]) else (None, None)
+            silent = time.time() - float(store.get(alive).decode()) if store.check([alive]) else None
+            beats[rank] = (count, step, silent)
+    except (RuntimeError, ValueError):
+        return {}
+    return beats
+
+
+def broadcast_object(obj, src=0, group=None):
+    """Rank `src`'s Python object, on every rank (group: a gloo group, or None for the default one)."""
     if get_world_size() == 1:
         return obj
     holder = [obj]
-    torch.distributed.broadcast_object_list(holder, src=src)
+    device = None
+    if group is not None:
+        device = torch.device('cpu')
+        _beat()
+    torch.distributed.broadcast_object_list(holder, src=src, group=group, device=device)
     return holder[0]
 
 
-def run_on_rank0(fn):
-    """fn() on rank 0 alone, then a barrier. Returns its result on rank 0 and
-    None elsewhere. An error on rank 0 is raised on every rank, so that no
-    rank waits forever: on the others as a ValueError with the same message
-    for a user error (ValueError, OSError), else a RuntimeError naming it."""
+def run_on_rank0(fn, group=None):
+    """fn() on rank 0 alone, then a barrier (in `group`, a gloo group, or the
+    default one). Returns its result on rank 0 and None elsewhere. An error
+    on rank 0 is raised on every rank, so that no rank waits forever: on the
+    others as a ValueError with the same message for a user error
+    (ValueError, OSError), else a RuntimeError naming it."""
     result, failure = None, None
     if get_rank() == 0:
         try:
@@ -120,7 +228,7 @@ def run_on_rank0(fn):
         except Exception as err:   # raised again below, after the other ranks have been told
             failure = err
     report = None if failure is None else (isinstance(failure, (ValueError, OSError)), dnnlib.util.one_line(failure))
-    report = broadcast_object(report)
+    report = broadcast_object(report, group=group)
     if failure is not None:
         raise failure
     if report is not None:

@@ -20,7 +20,8 @@ DEFAULTS = dnnlib.EasyDict(
     P_mean=None, P_std=None, lr_rampup=10000, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
     label_dropout=0, max_size=None,
     fp16=False, bf16=False, channels_last=False, compile=False, ls=1, bench=True, cache=True, workers=1,
-    device='cpu', max_bad_steps=20,
+    device='cpu', max_bad_steps=20, max_minutes=None, hang_timeout=120, snapshot_on_stop=False,
+    accept_changed_data=False,
     tick=50, snap=50, dump=500, snapshot_format='pkl', samples=16, metrics=None, metric_ref=None,
     metric_num=50000, seed=0, transfer=None,
 )
@@ -89,6 +90,8 @@ def build_config(options, dataset):
              ema_rampup_ratio=None if opts.transfer else 0.05, lr_rampup_kimg=opts.lr_rampup,
              loss_scaling=opts.ls, cudnn_benchmark=opts.bench, kimg_per_tick=opts.tick,
              snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, max_bad_steps=opts.max_bad_steps,
+             max_minutes=opts.max_minutes, hang_timeout=opts.hang_timeout, snapshot_on_stop=opts.snapshot_on_stop,
+             accept_changed_data=opts.accept_changed_data,
              sample_count=opts.samples, device=str(opts.device), snapshot_format=opts.snapshot_format)
     if opts.metrics:
         c.metrics = [opts.metrics]

@@ -21,6 +21,7 @@ Encoded latent archive (a ZIP or a folder):
                             *_shape: [height, width] (may be absent for squares)
 """
 
+import hashlib
 import json
 import os
 import zipfile
@@ -28,6 +29,8 @@ import zipfile
 import numpy as np
 import PIL.Image
 import torch
+
+import dnnlib
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.pbm', '.pgm', '.png', '.pnm', '.ppm', '.tif', '.tiff', '.webp')
 LATENT_METADATA = 'latents.json'
@@ -197,6 +200,24 @@ class _ArchiveDataset(Dataset):
         if not self._item_fnames:
             raise ValueError(f'{self._path}: no {what} found; make the dataset with dataset_tool.py')
 
+    def fingerprint(self):
+        """What a training state records of the data to notice a change on
+        resume, without reading the images: {'items': the number of item
+        files, 'digest': SHA-1 over the item files and dataset.json of their
+        names with their CRC-32 and size (a zip's directory has both) or, in
+        a folder, their size and modification time}."""
+        names = self._item_fnames + (['dataset.json'] if 'dataset.json' in self._all_fnames else [])
+        digest = hashlib.sha1()
+        if self._type == 'zip':
+            infos = {info.filename: info for info in self._get_zipfile().infolist()}
+            entries = (f'{name}:{infos[name].CRC}:{infos[name].file_size}' for name in names)
+        else:
+            stats = ((name, os.stat(os.path.join(self._path, name))) for name in names)
+            entries = (f'{name}:{st.st_size}:{st.st_mtime_ns}' for name, st in stats)
+        for entry in entries:
+            digest.update(entry.encode('utf-8') + b'\n')
+        return dict(items=len(self._item_fnames), digest=digest.hexdigest())
+
     def _default_name(self):
         """The file or folder name without extension."""
         return os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
@@ -288,11 +309,17 @@ class ImageFolderDataset(_ArchiveDataset):
     def _load_raw_image(self, raw_idx, check=True):
         """Image raw_idx as uint8 [C, H, W]; ValueError if it is not L/RGB or not the dataset's shape."""
         fname = self._item_fnames[raw_idx]
-        with self._open_file(fname) as f, PIL.Image.open(f) as img:
-            if img.mode not in ('L', 'RGB'):
-                raise ValueError(f'{self._path}/{fname}: mode {img.mode}, expected L or RGB; '
-                                 f'make the dataset with dataset_tool.py')
-            image = np.asarray(img, dtype=np.uint8)
+        try:
+            with self._open_file(fname) as f, PIL.Image.open(f) as img:
+                if img.mode not in ('L', 'RGB'):
+                    raise ValueError(f'{self._path}/{fname}: mode {img.mode}, expected L or RGB; '
+                                     f'make the dataset with dataset_tool.py')
+                image = np.asarray(img, dtype=np.uint8)
+        except FileNotFoundError:
+            raise   # names the file; not a corrupt image
+        except (OSError, SyntaxError, zipfile.BadZipFile, EOFError) as err:   # what PIL and zipfile raise for bad bytes
+            raise ValueError(f'{self._path}/{fname}: cannot read the image ({dnnlib.util.one_line(err)}); the file is '
+                             f'corrupt or truncated: replace it or make the dataset again with dataset_tool.py') from None
         image = image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)  # HW / HWC -> CHW
         if check and list(image.shape) != self.image_shape:
             raise ValueError(f'{self._path}/{fname}: shape {list(image.shape)} (CHW) differs from the first '

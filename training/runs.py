@@ -26,7 +26,8 @@ OPTIONS_FILE = 'training_options.json'
 # (raising --duration extends a run). Keys of the resolved options, nested keys with dots.
 RUN_ONLY_KEYS = ('run_dir', 'resume_state', 'transfer_pkl', 'total_kimg', 'kimg_per_tick', 'snapshot_ticks',
                  'state_dump_ticks', 'data_loader_kwargs', 'dataset_kwargs.cache', 'sample_count', 'metrics',
-                 'metric_kwargs', 'snapshot_format', 'max_bad_steps', 'device', 'cudnn_benchmark')
+                 'metric_kwargs', 'snapshot_format', 'max_bad_steps', 'device', 'cudnn_benchmark', 'max_minutes',
+                 'hang_timeout', 'snapshot_on_stop', 'accept_changed_data')
 
 # Keys whose flag has other units than the option: kimg in the options, Mimg on the command line.
 FLAG_SCALES = {'total_kimg': 1e-3, 'ema_halflife_kimg': 1e-3}
@@ -50,7 +51,8 @@ FLAG_NAMES = {
     'kimg_per_tick': '--tick', 'snapshot_ticks': '--snap', 'state_dump_ticks': '--dump', 'sample_count': '--samples',
     'metrics': '--metrics', 'metric_kwargs': '--metric-ref/--metric-num', 'snapshot_format': '--snapshot-format',
     'max_bad_steps': '--max-bad-steps', 'device': '--device', 'cudnn_benchmark': '--bench',
-    'transfer_pkl': '--transfer',
+    'transfer_pkl': '--transfer', 'max_minutes': '--max-minutes', 'hang_timeout': '--hang-timeout',
+    'snapshot_on_stop': '--snapshot-on-stop', 'accept_changed_data': '--accept-changed-data',
 }
 
 

@@ -23,9 +23,11 @@ continues exactly as if it had never stopped.
 (`_save_outputs`: snapshots, sample grids, metrics, training states).
 """
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import time
 
 import numpy as np
@@ -35,13 +37,17 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
-from training import generation, latents, patching, runs, snapshots
+from training import generation, latents, patching, runs, snapshots, stopping
 from training.augment import AugmentPipe
 from training.dataset import open_dataset
+from training.denoiser import input_multiple
 from training.loss import build_loss
 from training.metrics import calc_metric_for_network
-from training.denoiser import input_multiple
 from training.networks import build_network, image_shape
+
+
+class StepOutOfMemory(MemoryError):
+    """A training step ran out of device memory; the message says what to change."""
 
 
 def step_seed(seed, rank, step):
@@ -59,6 +65,18 @@ def _test_exit_step(rank):
         return None
     exit_rank, exit_step = (int(v) for v in spec.split(':'))
     return exit_step if exit_rank == rank else None
+
+
+def _test_signal(rank):
+    """TEST HOOK, inert unless PD_TEST_SIGNAL_AT='RANK:STEP:SIGNAME' is set
+    (e.g. '1:5:SIGTERM'): process RANK sends itself that signal before step
+    STEP, on torchrun's first attempt only, to stop a run at a known step.
+    Returns (step, signal number) for this rank, or (None, None)."""
+    spec = os.environ.get('PD_TEST_SIGNAL_AT')
+    if not spec or os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0':
+        return None, None
+    signal_rank, step, name = spec.split(':')
+    return (int(step), getattr(signal, name)) if int(signal_rank) == rank else (None, None)
 
 
 # ----------------------------------------------------------------------------
@@ -167,7 +185,8 @@ class Trainer:
         self.ddp = self.net
         if world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
+                self.net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False,
+                process_group=dist.step_group())
         if performance['compile_kwargs'] is not None:   # one graph per patch shape; the parameters stay self.net's
             self.ddp = torch.compile(self.ddp, **performance['compile_kwargs'])
         self.data_loader_kwargs = data_loader_kwargs or dict(num_workers=0)
@@ -202,9 +221,23 @@ class Trainer:
         self.batches = _Batches(self.dataset, self.batch_gpu, self.seed, consumed, self.data_loader_kwargs)
 
     def state_dict(self):
-        return dict(net=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
-                    step=self.step_count, nimg=self.cur_nimg, consumed=self.batches.consumed if self.batches else 0,
-                    seed=self.seed)
+        state = dict(net=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
+                     step=self.step_count, nimg=self.cur_nimg, consumed=self.batches.consumed if self.batches else 0,
+                     seed=self.seed)
+        if hasattr(self.dataset, 'fingerprint'):
+            state['data'] = self.dataset.fingerprint()
+        return state
+
+    def check_data(self, state, accept_changed_data=False):
+        """ValueError if the dataset differs from the one `state` was trained on
+        (its recorded size), unless accept_changed_data."""
+        recorded, now = state.get('data'), (self.dataset.fingerprint() if hasattr(self.dataset, 'fingerprint') else None)
+        if recorded is None or now is None or recorded == now or accept_changed_data:
+            return
+        raise ValueError(f'The dataset changed since the training state was written: {now["items"]} files now, '
+                         f'{recorded["items"]} then, and their names, sizes or checksums differ. Resuming on other '
+                         f'data breaks the run\'s data order; restore the dataset, or add --accept-changed-data=1 to '
+                         f'continue on the new one')
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state['net'])
@@ -214,6 +247,29 @@ class Trainer:
         # States written before images were counted per step hold no 'nimg': step * batch * E[m] then.
         self.cur_nimg = int(state['nimg']) if 'nimg' in state else int(round(self.step_count * self.nimg_per_step))
         self.start_data(int(state['consumed']))
+
+    @contextlib.contextmanager
+    def _out_of_memory_says_what(self, P, round_idx, rounds, batches_per_round):
+        """Turn a CUDA out-of-memory error in a round into one that names the round,
+        the memory and the --batch-gpu that would fit (StepOutOfMemory)."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as err:
+            raise StepOutOfMemory(self._out_of_memory_message(P, round_idx, rounds, batches_per_round)) from err
+
+    def _out_of_memory_message(self, P, round_idx, rounds, batches_per_round):
+        smaller = [d for d in range(1, self.batch_gpu // 2 + 1) if self.batch_gpu_total % d == 0]
+        advice = (f'use --batch-gpu={smaller[-1]} (now {self.batch_gpu}: rounds of fewer images, the same training)'
+                  if smaller else 'even one image per round does not fit: use a smaller network, --bf16=1 or --fp16=1')
+        memory = ''
+        if self.device.type == 'cuda':
+            free, total = torch.cuda.mem_get_info(self.device)
+            memory = (f'; {torch.cuda.memory_allocated(self.device) / 2**30:.2f} GiB allocated, '
+                      f'{torch.cuda.memory_reserved(self.device) / 2**30:.2f} GiB reserved, {free / 2**30:.2f} GiB '
+                      f'free of {total / 2**30:.2f} GiB on {self.device}')
+        return (f'Out of memory in step {self.step_count} at patch size {patching.size_label(P)}, round {round_idx + 1} '
+                f'of {rounds} ({batches_per_round * self.batch_gpu} patches per round){memory}: {advice}. Nothing '
+                f'of this step was written; the newest training state in the run folder is intact')
 
     def step(self):
         """One optimizer step. Returns the patch size it used."""
@@ -228,7 +284,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         rounds, batches_per_round = self.round_plan(m)
         for round_idx in range(rounds):
-            with misc.ddp_sync(self.ddp, round_idx == rounds - 1):
+            with misc.ddp_sync(self.ddp, round_idx == rounds - 1), self._out_of_memory_says_what(P, round_idx, rounds,
+                                                                                            batches_per_round):
                 images, labels = self.batches.take(batches_per_round, device)
                 if self.encoder is not None:
                     images = self.encoder(images)      # scaled latents, drawn with the step's seed
@@ -294,6 +351,10 @@ def training_loop(
     device='cpu',
     tensorboard=True,
     snapshot_format='pkl',       # 'pkl' (EDM's), 'safetensors' or 'both'
+    max_minutes=None,            # stop (with a training state) at the first step boundary after this long
+    hang_timeout=120,            # seconds a training step's collective may wait for the other ranks
+    snapshot_on_stop=False,      # when stopped early, also write a snapshot (with samples and metrics)
+    accept_changed_data=False,   # resume even if the dataset's files changed since the state was written
     **trainer_kwargs,            # see Trainer
 ):
     """Train; write snapshots, states and logs to `run_dir`. Returns the EMA network."""
@@ -311,11 +372,12 @@ def training_loop(
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False   # as EDM (matters for --fp16)
 
     dist.print0('Loading dataset and constructing network...')
+    dist.make_step_groups(hang_timeout)
     trainer = Trainer(device=device, **trainer_kwargs)
     dist.print0(f'Patch sizes: {trainer.schedule.describe()}; images per step {trainer.nimg_per_step:g} on average')
     if dist.get_rank() == 0:
         _print_network_summary(trainer)
-    cur_tick = _start(trainer, transfer_pkl, resume_state)
+    cur_tick = _start(trainer, transfer_pkl, resume_state, accept_changed_data)
     outputs = dict(run_dir=run_dir, snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks,
                    sample_count=sample_count, metrics=metrics, metric_kwargs=metric_kwargs,
                    snapshot_format=snapshot_format, dataset_kwargs=trainer_kwargs.get('dataset_kwargs') or {},
@@ -323,15 +385,42 @@ def training_loop(
     reporter = _TickReporter(trainer, run_dir, tensorboard, start_time)
     dist.print0(f'Training for {trainer.total_nimg / 1000:g} kimg...')
     dist.print0()
-    exit_step = _test_exit_step(dist.get_rank())
+    with stopping.StopControl(max_minutes, start_time) as stopper:
+        try:
+            _train(trainer, reporter, cur_tick, stopper, kimg_per_tick, max_bad_steps, snapshot_on_stop, outputs)
+        except RuntimeError as err:
+            if dist.get_world_size() > 1 and stopping.is_timeout(err):
+                raise stopping.hung_rank_error(err, hang_timeout, run_dir) from err
+            raise
+    reporter.close()
+    dist.print0()
+    dist.print0('Exiting...')
+    return trainer.ema
 
+
+def _train(trainer, reporter, cur_tick, stopper, kimg_per_tick, max_bad_steps, snapshot_on_stop, outputs):
+    """Steps and ticks until the end of training; `stopping.Stopped` when a stop
+    is requested (a signal, --max-minutes), after saving the training state."""
+    exit_step, (signal_step, signum) = _test_exit_step(dist.get_rank()), _test_signal(dist.get_rank())
+    run_dir = outputs['run_dir']
     while True:
         done = trainer.cur_nimg >= trainer.total_nimg
         if not done:
             if trainer.step_count == exit_step:
                 os._exit(1)
+            if trainer.step_count == signal_step:
+                os.kill(os.getpid(), signum)
             reporter.count(trainer.step())
             done = trainer.cur_nimg >= trainer.total_nimg
+            reason = None if done else stopper.poll(trainer.step_count)   # every rank, every step boundary
+            if reason is not None:
+                reporter.report(cur_tick)
+                if snapshot_on_stop:
+                    _save_outputs(trainer, cur_tick, True, **dict(outputs, state_dump_ticks=None))
+                _save_state(trainer, run_dir, cur_tick)
+                raise stopping.Stopped(f'Stopped at kimg {trainer.cur_nimg / 1000:.3f} (step {trainer.step_count}): '
+                                       f'{reason}. The training state is saved in {run_dir}; run the same command '
+                                       f'to resume.')
         if not done and cur_tick != 0 and trainer.cur_nimg < reporter.tick_start_nimg + kimg_per_tick * 1000:
             continue
         bad_steps = reporter.report(cur_tick)
@@ -344,15 +433,10 @@ def training_loop(
         cur_tick += 1
         reporter.start_tick()
         if done:
-            break
-
-    reporter.close()
-    dist.print0()
-    dist.print0('Exiting...')
-    return trainer.ema
+            return
 
 
-def _start(trainer, transfer_pkl, resume_state):
+def _start(trainer, transfer_pkl, resume_state, accept_changed_data=False):
     """Transfer weights and/or load a training state; start the data. Returns the tick to start at."""
     if transfer_pkl is not None:
         copied, missing = snapshots.transfer_weights(transfer_pkl, trainer.net)
@@ -364,6 +448,7 @@ def _start(trainer, transfer_pkl, resume_state):
         return 0
     dist.print0(f'Resuming from "{resume_state}"...')
     state = runs.load_state(resume_state)
+    trainer.check_data(state, accept_changed_data)
     trainer.load_state_dict(state)
     return int(state['cur_tick'])
 
@@ -406,8 +491,7 @@ class _TickReporter:
         self.tick_end_time = now = time.time()
         cur_nimg, tick_time = trainer.cur_nimg, now - self.tick_start_time
         # Every rank sees the same (all-reduced) gradients, so every rank counts the same bad steps.
-        bad_steps = int(dist.all_reduce_sum(torch.tensor([float(trainer.bad_steps)], device=device)).item()
-                        // dist.get_world_size())
+        bad_steps = sum(dist.gather_ints(trainer.bad_steps)) // dist.get_world_size()
         training_stats.report0('Progress/tick', cur_tick)
         training_stats.report0('Progress/kimg', cur_nimg / 1e3)
         training_stats.report0('Progress/bad_steps', bad_steps)
@@ -488,14 +572,20 @@ def _save_outputs(trainer, cur_tick, done, run_dir, snapshot_ticks, state_dump_t
                 with runs.writing(grid_path):
                     generation.sample_grid(trainer.ema, grid_path, seeds=list(range(sample_count)),
                                            device=trainer.device, latent=latent)
-        dist.run_on_rank0(write_snapshot)
+        dist.run_on_rank0(write_snapshot, group=dist.step_control_group())
         if metrics:
             _run_metrics(trainer.ema, metrics, dict(metric_kwargs or {}, latent=latent), run_dir, kimg_tag,
                          trainer.device)
             dist.barrier()
     if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and trainer.step_count > 0:
-        path = os.path.join(run_dir, f'training-state-{kimg_tag}.pt')
-        dist.run_on_rank0(lambda: runs.save_state(path, dict(trainer.state_dict(), cur_tick=cur_tick + 1)))
+        _save_state(trainer, run_dir, cur_tick)
+
+
+def _save_state(trainer, run_dir, cur_tick):
+    """Write training-state-<kimg>.pt (rank 0); the run resumes at tick cur_tick + 1."""
+    path = os.path.join(run_dir, f'training-state-{trainer.cur_nimg // 1000:06d}.pt')
+    dist.run_on_rank0(lambda: runs.save_state(path, dict(trainer.state_dict(), cur_tick=cur_tick + 1)),
+                      group=dist.step_control_group())
 
 
 def _run_metrics(ema, metric_names, metric_kwargs, run_dir, kimg_tag, device):
