@@ -357,7 +357,7 @@ def test_fp16_flag_is_a_no_op_on_cpu():
 
 
 def test_registries_and_unknown_model_type():
-    assert set(networks.MODELS) == {'SongUNet', 'DhariwalUNet'}
+    assert set(networks.MODELS) == {'SongUNet', 'DhariwalUNet', 'DiT'}
     assert networks.PRECONDITIONERS == {'vp': networks.VPPrecond, 've': networks.VEPrecond, 'edm': networks.EDMPrecond}
     with pytest.raises(ValueError, match="'SongUNet', 'DhariwalUNet'"):
         networks.EDMPrecond(img_resolution=R, img_channels=C, model_type='UNet')

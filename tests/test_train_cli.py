@@ -149,7 +149,7 @@ def test_make_demo_commands_run(shapes_zip, tmp_path, subprocess_env, repo_root)
     assert snapshots, output
     assert load_ema(snapshots[-1]).model.enc['32x32_conv'].weight.shape[0] == 16   # --cbase=16 reached the net
     sample_flags = makefile_demo_flags('DEMO_SAMPLE_FLAGS')
-    assert '--S_churn=10' in sample_flags and '$(DEMO_SAMPLE_FLAGS)' in (repo_root / 'Makefile').read_text()
+    assert '--S_churn=20' in sample_flags and '$(DEMO_SAMPLE_FLAGS)' in (repo_root / 'Makefile').read_text()
     generate = [sys.executable, str(repo_root / 'generate.py'), '--device=cpu', '--seeds=0-3', '--grid',
                 f'--outdir={outdir / "samples"}', f'--network={snapshots[-1]}'] + sample_flags + ['--steps=4']
     (code, output), = run_all([generate], subprocess_env, 120)

@@ -15,7 +15,7 @@ from training.dataset import dataset_class_name
 DEFAULTS = dnnlib.EasyDict(
     data=None, cond=False, arch='ddpmpp', precond='edm', use_pos=True,
     real_p=0.5, train_on_latents=False, vae=None, scale_factor=None, progressive=False, implicit_mlp=False,
-    pos_freqs=0,
+    pos_freqs=0, heads=None, token_size=None,
     duration=200, batch=512, batch_gpu=None, cbase=None, cres=None, blocks=None, attn=None, lr=10e-4,
     P_mean=None, P_std=None, lr_rampup=10000, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
     label_dropout=0, max_size=None,
@@ -75,7 +75,7 @@ def build_config(options, dataset):
         c.network_kwargs.augment_dim = augment.AugmentPipe(**c.augment_kwargs).label_dim
     c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, progressive=opts.progressive)
     if not opts.train_on_latents:   # the shape the network sees is known (raw images for latents: after the VAE)
-        multiple = 2 ** (len(c.network_kwargs.channel_mult) - 1)
+        multiple = input_multiple(c.network_kwargs)
         shape = tuple(dataset.image_shape[1:])
         patching.check_image_shape(shape, multiple, 'latents' if dataset.is_latent else 'images')
         patching.PatchSchedule(shape, opts.real_p, latent=latent, multiple=multiple)   # ValueError if too small
@@ -105,14 +105,30 @@ def network_kwargs(opts):
     """The network's resolved options: the --arch's defaults, then --cbase, --cres, ... ."""
     kwargs = dnnlib.EasyDict(precond=PRECONDS[opts.precond], **networks.ARCHITECTURES[opts.arch])
     for flag, key in (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('blocks', 'num_blocks'),
-                      ('attn', 'attn_resolutions')):
+                      ('attn', 'attn_resolutions'), ('heads', 'num_heads'), ('token_size', 'token_size')):
         if opts[flag] is not None:
             kwargs[key] = opts[flag]
+    if 'token_size' in kwargs:   # train.py's --token-size is a choice of the strings '2', '4', '8'
+        kwargs.token_size = int(kwargs.token_size)
     kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_pos=opts.use_pos, pos_freqs=opts.pos_freqs,
                   implicit_mlp=opts.implicit_mlp)
     if opts.label_dropout:
         kwargs.label_dropout = opts.label_dropout
     return kwargs
+
+
+def is_dit(arch):
+    """Whether train.py's --arch names a DiT (dit-s, dit-b, dit-l, dit-xl) rather than a UNet."""
+    return networks.ARCHITECTURES[arch]['model_type'] == 'DiT'
+
+
+def input_multiple(network_kwargs):
+    """What the sides of the network's input must be multiples of, from its
+    resolved options (training.denoiser.input_multiple reads it from the built
+    network): a DiT's token side, 2^(levels - 1) for a UNet."""
+    if network_kwargs.model_type == 'DiT':
+        return network_kwargs.token_size
+    return 2 ** (len(network_kwargs.channel_mult) - 1)
 
 
 def trainer_kwargs(c):
@@ -158,3 +174,33 @@ def _check_flags(opts, dataset):
     if dataset.is_latent and (opts.vae or opts.scale_factor):
         raise ValueError(f'--vae and --scale_factor are for raw images; {opts.data} was encoded with '
                          f'{dataset.vae} (scale factor {dataset.scale_factor})')
+    _check_architecture_flags(opts)
+
+
+def _check_architecture_flags(opts):
+    """ValueError for shape flags of the other kind of network (UNet or DiT) and DiTs that cannot work."""
+    if opts.arch not in networks.ARCHITECTURES:
+        raise ValueError(f'--arch={opts.arch} is unknown; choose one of {", ".join(networks.ARCHITECTURES)}')
+    dit = is_dit(opts.arch)
+    foreign = (('--cres', opts.cres), ('--attn', opts.attn)) if dit else \
+        (('--heads', opts.heads), ('--token-size', opts.token_size))
+    given = [flag for flag, value in foreign if value is not None]
+    if given:
+        verb, pronoun = ('shape', 'them') if len(given) > 1 else ('shapes', 'it')
+        if dit:
+            raise ValueError(f'{" and ".join(given)} {verb} a UNet; a DiT\'s size is --cbase (hidden size), '
+                             f'--blocks (depth), --heads and --token-size: leave {pronoun} out')
+        raise ValueError(f'{" and ".join(given)} {verb} a DiT (--arch=dit-s, dit-b, dit-l or dit-xl); leave '
+                         f'{pronoun} out for --arch={opts.arch}')
+    if not dit:
+        return
+    if opts.implicit_mlp:
+        raise ValueError('--implicit_mlp replaces the first convolution of a UNet; a DiT has none: leave it out')
+    if not opts.use_pos and opts.real_p < 1:
+        raise ValueError(f'--arch={opts.arch} with --use_pos=0 cannot tell where a crop lies (its tokens get the '
+                         f'positions of a full image); use --use_pos=1 for patches, or --real_p=1 (full images only)')
+    kwargs = network_kwargs(opts)
+    problem = networks.dit_size_problem(kwargs.model_channels, kwargs.num_heads, kwargs.token_size)
+    if problem:
+        raise ValueError(f'--arch={opts.arch} with --cbase={kwargs.model_channels} --heads={kwargs.num_heads}: '
+                         f'{problem}; choose --heads to divide --cbase, and --cbase a multiple of 4')

@@ -103,10 +103,14 @@ def check_official_flags(net, mask_pos=False, embed_fq=None):
 
 
 def input_multiple(net):
-    """What the sides of `net`'s input must be multiples of: 2^(halvings of its
-    UNet), read from the UNet (`num_levels`, or EDM's `<res>x<res>_down` encoder
-    blocks); 1 for networks of another structure."""
+    """What the sides of `net`'s input must be multiples of: the token side of
+    a DiT (`token_size`); 2^(halvings of its UNet), read from the UNet
+    (`num_levels`, or EDM's `<res>x<res>_down` encoder blocks); 1 for networks
+    of another structure."""
     model = getattr(net, 'model', None)
+    token_size = getattr(model, 'token_size', None)
+    if token_size is not None:
+        return int(token_size)
     levels = getattr(model, 'num_levels', None)
     if levels is not None:
         return 2 ** (int(levels) - 1)
@@ -160,9 +164,9 @@ def sampling_region(net, resolution=None, image_size=None, x_start=0, y_start=0)
         if side % multiple:
             lower = side // multiple * multiple
             works = ' or '.join(str(s) for s in (lower, lower + multiple) if s)
-            raise ValueError(f'--image_size={_size_text(size)}: this network\'s UNet halves its input '
-                             f'{multiple.bit_length() - 1} times, so the {what if size[0] != size[1] else "side"} '
-                             f'must be a multiple of {multiple}, such as {works}')
+            raise ValueError(f'--image_size={_size_text(size)}: this network takes sides that are multiples of '
+                             f'{multiple} (a UNet\'s total downsampling, a DiT\'s token size), so the '
+                             f'{what if size[0] != size[1] else "side"} must be a multiple of {multiple}, such as {works}')
     return dnnlib.EasyDict(size=size, top=int(y_start), left=int(x_start), frame=frame)
 
 

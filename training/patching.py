@@ -80,8 +80,8 @@ def check_image_shape(shape, multiple, what='images'):
 
     shapes = sorted({(h, w) for h in nearest(height) for w in nearest(width)},
                     key=lambda s: (abs(s[0] - height) + abs(s[1] - width), s))[:2]
-    raise ValueError(f'The {what} are {width}x{height} pixels, but this network halves its input '
-                     f'{multiple.bit_length() - 1} times, so both sides must be multiples of {multiple}; the nearest '
+    raise ValueError(f'The {what} are {width}x{height} pixels, but this network takes sides that are multiples of '
+                     f'{multiple} (a UNet\'s total downsampling, a DiT\'s token size) in both directions; the nearest '
                      f'shapes that work are {" and ".join(f"{w}x{h}" for h, w in shapes)} (width x height)')
 
 

@@ -39,6 +39,7 @@ FLAG_NAMES = {
     'data_loader_kwargs.num_workers': '--workers', 'network_kwargs.precond': '--precond',
     'network_kwargs.model_channels': '--cbase', 'network_kwargs.channel_mult': '--cres',
     'network_kwargs.num_blocks': '--blocks', 'network_kwargs.attn_resolutions': '--attn',
+    'network_kwargs.num_heads': '--heads', 'network_kwargs.token_size': '--token-size',
     'network_kwargs.dropout': '--dropout', 'network_kwargs.use_fp16': '--fp16', 'network_kwargs.use_pos': '--use_pos',
     'network_kwargs.pos_freqs': '--pos-freqs', 'network_kwargs.implicit_mlp': '--implicit_mlp',
     'network_kwargs.label_dropout': '--label-dropout', 'loss_kwargs.P_mean': '--P_mean', 'loss_kwargs.P_std': '--P_std',
