@@ -19,7 +19,7 @@ import torch
 import bench_common as common
 import dnnlib
 from training import denoiser, generation, snapshots
-from training.networks import build_network
+from training.networks import build_network, resolution_value
 
 
 def fresh_network(preset, device):
@@ -108,7 +108,7 @@ def main(network_path, preset, steps, batch_sizes, num, rounds, warmup, device_n
               f'(blocks {", ".join(f"{s:.2f}" for s in seconds)} s)')
 
     summary = dict(network=source, steps=steps, nfe_per_image=nfe, num=num, rounds=rounds,
-                   resolution=height if height == width else [height, width],
+                   resolution=resolution_value((height, width)),
                    params=params, images_per_s=images_per_s,
                    block_seconds={str(b): s for b, s in times.items()})
     summary.update(info, loadavg_end=[round(x, 2) for x in os.getloadavg()])

@@ -31,6 +31,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training.networks import resolution_value
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.pbm', '.pgm', '.png', '.pnm', '.ppm', '.tif', '.tiff', '.webp')
 LATENT_METADATA = 'latents.json'
@@ -146,8 +147,7 @@ class Dataset(torch.utils.data.Dataset):
     def resolution(self):
         """What the `resolution` keyword takes to check this dataset's size: the
         side of square images (EDM's int), [height, width] otherwise."""
-        height, width = self.image_shape[1:]
-        return height if height == width else [height, width]
+        return resolution_value(self.image_shape[1:])
 
     @property
     def label_shape(self):
@@ -365,8 +365,7 @@ class LatentDataset(_ArchiveDataset):
         meta = self._load_metadata()
         self.vae = meta['vae']
         self.scale_factor = float(meta['scale_factor'])
-        source_height, source_width = _recorded_shape(meta, 'source')
-        self.image_resolution = source_height if source_height == source_width else [source_height, source_width]
+        self.image_resolution = resolution_value(_recorded_shape(meta, 'source'))
         height, width = _recorded_shape(meta, 'latent')
         channels = int(meta['latent_channels'])
         self._variants = 2 if meta['xflip'] else 1

@@ -10,6 +10,7 @@ import torch
 
 import dnnlib
 from training.networks import image_shape, patch_grid
+from training.patching import size_label
 
 # The name of forward's third parameter tells the convention apart:
 #   ours:     net(x, sigma, pos, class_labels)    pos = the region's grid when net.use_pos
@@ -144,15 +145,15 @@ def sampling_region(net, resolution=None, image_size=None, x_start=0, y_start=0)
         if frame is None:
             raise ValueError('The network does not record its resolution; give its coordinate frame with --resolution')
         if min(frame) < 2:
-            raise ValueError(f'--resolution={_size_text(frame)}: the coordinate frame needs 2 pixels or more per '
+            raise ValueError(f'--resolution={size_label(frame)}: the coordinate frame needs 2 pixels or more per '
                              f'side (coordinates are (i / (side - 1) - 0.5) * 2)')
     else:
         if x_start or y_start:
             raise ValueError(f'--x_start={x_start} --y_start={y_start}: this network takes no coordinates, so a '
                              f'position has no meaning; leave them out (--image_size sets the size)')
         if resolution is not None and recorded is not None and resolution != recorded:
-            raise ValueError(f'--resolution={_size_text(resolution)} contradicts the network\'s resolution '
-                             f'{_size_text(recorded)}: it takes no coordinates, so there is no frame to change; '
+            raise ValueError(f'--resolution={size_label(resolution)} contradicts the network\'s resolution '
+                             f'{size_label(recorded)}: it takes no coordinates, so there is no frame to change; '
                              f'leave --resolution out and set the size with --image_size')
         if image_size is None and resolution is None and recorded is None:
             raise ValueError('The network does not record its resolution; give the size with --resolution '
@@ -164,7 +165,7 @@ def sampling_region(net, resolution=None, image_size=None, x_start=0, y_start=0)
         if side % multiple:
             lower = side // multiple * multiple
             works = ' or '.join(str(s) for s in (lower, lower + multiple) if s)
-            raise ValueError(f'--image_size={_size_text(size)}: this network takes sides that are multiples of '
+            raise ValueError(f'--image_size={size_label(size)}: this network takes sides that are multiples of '
                              f'{multiple} (a UNet\'s total downsampling, a DiT\'s token size), so the '
                              f'{what if size[0] != size[1] else "side"} must be a multiple of {multiple}, such as {works}')
     return dnnlib.EasyDict(size=size, top=int(y_start), left=int(x_start), frame=frame)
@@ -176,14 +177,9 @@ def _size_value(name, value):
         return None
     sides = value if isinstance(value, (tuple, list)) else (value, value)
     if len(sides) != 2 or any(int(side) != side or side < 1 for side in sides):
-        shown = _size_text(sides) if len(sides) == 2 else value
+        shown = size_label(sides) if len(sides) == 2 else value
         raise ValueError(f'{name}={shown} must be a positive integer (a square\'s side) or WxH of positive integers')
     return int(sides[0]), int(sides[1])
-
-
-def _size_text(shape):
-    """'64' for a 64 x 64 square, 'WxH' otherwise (shape: (height, width))."""
-    return f'{shape[0]}' if shape[0] == shape[1] else f'{shape[1]}x{shape[0]}'
 
 
 # ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch_utils import distributed as dist
 from training import image_io, latents, samplers
 from training.denoiser import make_denoiser, network_info, sampling_region
-from training.networks import image_shape
+from training.networks import image_shape, resolution_value
 
 # ----------------------------------------------------------------------------
 # Per-seed random numbers.
@@ -142,8 +142,7 @@ def _latent_of_size(latent, size, latent_shape):
     scaled = {key: value for key, value in latent.items() if key != 'image_resolution'}
     pixels = image_shape(recorded)
     if all(p * s % l == 0 for p, s, l in zip(pixels, size, latent_shape)):
-        height, width = (p * s // l for p, s, l in zip(pixels, size, latent_shape))
-        scaled['image_resolution'] = height if height == width else [height, width]
+        scaled['image_resolution'] = resolution_value([p * s // l for p, s, l in zip(pixels, size, latent_shape)])
     return scaled
 
 

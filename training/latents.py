@@ -32,7 +32,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training.image_io import to_uint8
-from training.networks import image_shape
+from training.networks import image_shape, resolution_value
 
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'   # the official Patch Diffusion code's VAE
 DEFAULT_SCALE_FACTOR = 0.18215              # Stable Diffusion's latent scale factor
@@ -151,14 +151,8 @@ def latent_info(vae, scale_factor, image_resolution, latent_channels, latent_res
     [height, width] otherwise. Training stores it as dict(...) under the
     snapshot key 'latent'."""
     return dnnlib.EasyDict(vae=str(vae), scale_factor=float(scale_factor),
-                           image_resolution=_resolution_value(image_resolution),
-                           latent_channels=int(latent_channels), latent_resolution=_resolution_value(latent_resolution))
-
-
-def _resolution_value(resolution):
-    """An int side for squares (as recorded before non-square images), [height, width] otherwise."""
-    height, width = image_shape(resolution)
-    return height if height == width else [height, width]
+                           image_resolution=resolution_value(image_resolution),
+                           latent_channels=int(latent_channels), latent_resolution=resolution_value(latent_resolution))
 
 
 def generation_latent(recorded=None, on_latents=None, vae=None, scale_factor=None):

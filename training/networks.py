@@ -941,6 +941,13 @@ def image_shape(size):
     return int(size), int(size)
 
 
+def resolution_value(size):
+    """The inverse of `image_shape`: an int side for a square (as recorded
+    before non-square images), [height, width] otherwise."""
+    height, width = image_shape(size)
+    return height if height == width else [height, width]
+
+
 def coordinate_values(index, resolution):
     """Pixel indices of one axis of the full image mapped to [-1, 1]: (index / (R - 1) - 0.5) * 2,
     R = the image's extent along that axis."""

@@ -25,6 +25,7 @@ continues exactly as if it had never stopped.
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import signal
@@ -224,14 +225,20 @@ class Trainer:
         state = dict(net=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
                      step=self.step_count, nimg=self.cur_nimg, consumed=self.batches.consumed if self.batches else 0,
                      seed=self.seed)
-        if hasattr(self.dataset, 'fingerprint'):
-            state['data'] = self.dataset.fingerprint()
+        if self.data_fingerprint is not None:
+            state['data'] = self.data_fingerprint
         return state
+
+    @functools.cached_property
+    def data_fingerprint(self):
+        """The dataset's fingerprint (training.dataset), read once per run (a
+        folder's is one stat per file), or None for datasets without one."""
+        return self.dataset.fingerprint() if hasattr(self.dataset, 'fingerprint') else None
 
     def check_data(self, state, accept_changed_data=False):
         """ValueError if the dataset differs from the one `state` was trained on
-        (its recorded size), unless accept_changed_data."""
-        recorded, now = state.get('data'), (self.dataset.fingerprint() if hasattr(self.dataset, 'fingerprint') else None)
+        (its recorded fingerprint), unless accept_changed_data."""
+        recorded, now = state.get('data'), self.data_fingerprint
         if recorded is None or now is None or recorded == now or accept_changed_data:
             return
         raise ValueError(f'The dataset changed since the training state was written: {now["items"]} files now, '
