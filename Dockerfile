@@ -22,7 +22,7 @@ RUN pip install --no-cache-dir "$TORCH_SPEC"
 
 WORKDIR /opt/patch-diffusion
 COPY pyproject.toml README.md LICENSE Makefile ./
-COPY train.py generate.py fid.py dataset_tool.py ./
+COPY train.py generate.py fid.py dataset_tool.py reconstruct_phema.py ./
 COPY dnnlib dnnlib
 COPY torch_utils torch_utils
 COPY training training

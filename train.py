@@ -22,7 +22,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import config, latents, metrics, networks, presets, runs, snapshots, stopping
+from training import config, dinov2, latents, metrics, networks, presets, runs, snapshots, stopping
 from training.dataset import dataset_class_name, open_dataset
 from training.training_loop import training_loop
 
@@ -63,6 +63,7 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--P_std', '--P-std', 'P_std', help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--lr-rampup', '--lr_rampup', 'lr_rampup', help='Learning-rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0), default=D.lr_rampup, show_default=True)
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=D.ema, show_default=True)
+@click.option('--ema-std', '--ema_std', 'ema_std', help='Also keep power-function EMAs of these relative widths, saved with each snapshot, for reconstruct_phema.py (EDM2\'s post-hoc EMA; README: "Post-hoc EMA")', metavar='LIST', type=dnnlib.util.FloatList())
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=D.dropout, show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(0, 1), default=D.augment, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=D.xflip, show_default=True)
@@ -91,8 +92,9 @@ _CLI_ONLY = ('outdir', 'desc', 'nosubdir', 'resume', 'dry_run')
 @click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=D.dump, show_default=True)
 @click.option('--snapshot-format', '--snapshot_format', 'snapshot_format', help='Snapshot files: EDM\'s pickles, .safetensors (no code inside) or both', type=click.Choice(['pkl', 'safetensors', 'both']), default=D.snapshot_format, show_default=True)
 @click.option('--samples', help='Images in the samples-NNNNNN.png grid at each snapshot (0 = off)', metavar='INT', type=click.IntRange(min=0), default=D.samples, show_default=True)
-@click.option('--metrics', help='Metric to compute at each snapshot', type=click.Choice(['fid']))
-@click.option('--metric-ref', '--metric_ref', 'metric_ref', help='FID reference statistics for --metrics', metavar='NPZ|URL', type=str)
+@click.option('--metrics', help='Metrics to compute at each snapshot, comma-separated: fid, fd_dinov2 (README: "FD-DINOv2")', metavar='LIST', type=dnnlib.util.ChoiceList(metrics.METRICS))
+@click.option('--metric-ref', '--metric_ref', 'metric_ref', help='Reference statistics for --metrics (from fid.py ref), one per metric, comma-separated in the same order', metavar='NPZ|URL[,...]', type=str)
+@click.option('--metric-dinov2', '--metric_dinov2', 'metric_dinov2', help=f'DINOv2 model of --metrics=fd_dinov2: a Hugging Face Hub id or a folder written by save_pretrained (offline machines)  [default: {dinov2.DEFAULT_MODEL}]', metavar='ID|DIR', type=str)
 @click.option('--metric-num', '--metric_num', 'metric_num', help='Images generated for --metrics', metavar='INT', type=click.IntRange(min=2), default=D.metric_num, show_default=True)
 @click.option('--seed', help='Random seed  [default: random; a resumed run keeps its own]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--transfer', help='Transfer learning from a network snapshot: a path, an http(s) URL or a Hugging Face Hub file hf://OWNER/REPO/FILE', metavar='PKL|SAFETENSORS|URL', type=str)
@@ -236,14 +238,19 @@ def print_options(c, opts, device):
 
 
 def check_input_files(opts, resume):
-    """Read --metric-ref, --resume and --transfer once before anything is
-    written: a truncated or wrong file is an error now, not after the run
-    folder exists. (--transfer is loaded again by the training loop.)"""
-    if opts.metric_ref:
+    """Read --metric-ref, --metric-dinov2, --resume and --transfer once before
+    anything is written: a truncated or wrong file is an error now, not after
+    the run folder exists. (--transfer is loaded again by the training loop.)"""
+    for metric, ref in (config.metric_refs(opts) if opts.metrics else {}).items():
         try:
-            metrics.load_ref(opts.metric_ref)
+            metrics.load_ref(ref, metric)
         except (ValueError, OSError) as err:
             raise ValueError(f'--metric-ref: {err}') from None
+    if 'fd_dinov2' in (opts.metrics or ()):   # loaded once per process: the training loop uses this one
+        try:
+            metrics.metric_detector('fd_dinov2', opts.metric_dinov2, opts.device)
+        except ValueError as err:
+            raise ValueError(f'--metric-dinov2: {err}') from None
 
     def check():
         for flag, value, load in (('--resume', resume, lambda path: runs.load_state(path, mmap=True)),

@@ -406,6 +406,39 @@ class IntList(click.ParamType):
             self.fail(str(err), param, ctx)
 
 
+class FloatList(click.ParamType):
+    """Click type of a comma-separated list of numbers: '0.05,0.1' -> [0.05, 0.1]."""
+    name = 'list'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(item) for item in str(value).split(',')]
+        except ValueError:
+            self.fail(f'{value!r} is not a comma-separated list of numbers, e.g. 0.05,0.10', param, ctx)
+
+
+class ChoiceList(click.ParamType):
+    """Click type of a comma-separated list of names from `choices`, each at most once:
+    'fid,fd_dinov2' -> ['fid', 'fd_dinov2']."""
+    name = 'list'
+
+    def __init__(self, choices):
+        self.choices = list(choices)
+
+    def convert(self, value, param, ctx):
+        names = list(value) if isinstance(value, (list, tuple)) else [name.strip() for name in str(value).split(',')]
+        unknown = [name for name in names if name not in self.choices]
+        if unknown or not names:
+            self.fail(f'{",".join(unknown) or repr(value)}: choose from {", ".join(self.choices)} '
+                      f'(comma-separated)', param, ctx)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            self.fail(f'{", ".join(repeated)} given more than once', param, ctx)
+        return names
+
+
 class Size(click.ParamType):
     """Click type of an image size: 'WxH' or 'N' (a square) -> (height, width), the
     order of tensors. Sides of 0 pass, for the command to refuse with its own words."""

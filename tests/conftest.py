@@ -28,6 +28,17 @@ def makefile_demo_flags(variable='DEMO_TRAIN_FLAGS'):
     return shlex.split(text)
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for a module (use with pytest.mark.usefixtures):
+    tiny networks on a busy 2-core machine run several times faster than with
+    two contending threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def repo_root():
     """Path of the repository root (the folder holding dnnlib/, torch_utils/, training/)."""

@@ -4,12 +4,16 @@ appends it to metric-fid.jsonl (with a tiny feature network, no download)."""
 import json
 import math
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 import fid
 from training.archive import convert_dataset
 from training.training_loop import training_loop
+
+
+pytestmark = pytest.mark.usefixtures('one_thread')   # a tiny network: two contending threads run it far slower
 
 
 class PooledFeatures(torch.nn.Module):

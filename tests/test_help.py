@@ -19,11 +19,13 @@ from click.testing import CliRunner
 import dataset_tool
 import fid
 import generate
+import reconstruct_phema
 import train
-from training import config, demo_data, generation, latents, loss, metrics, networks, samplers
+from training import config, demo_data, dinov2, generation, latents, loss, metrics, networks, phema, samplers
 from training.archive import convert_dataset, encode_dataset
 
-SCRIPTS = {'train.py': train.main, 'generate.py': generate.cli, 'fid.py': fid.main, 'dataset_tool.py': dataset_tool.cli}
+SCRIPTS = {'train.py': train.main, 'generate.py': generate.cli, 'fid.py': fid.main, 'dataset_tool.py': dataset_tool.cli,
+           'reconstruct_phema.py': reconstruct_phema.main}
 
 # Required flags of each command, so that a context can be made without them being the point.
 REQUIRED = {
@@ -32,6 +34,7 @@ REQUIRED = {
     'generate.py convert': ['--network=n', '--dest=d'],
     'fid.py calc': ['--images=i', '--ref=r'],
     'fid.py ref': ['--data=d', '--dest=d'],
+    'reconstruct_phema.py': ['--indir=i', '--outdir=o'],
 }
 
 DEFAULT_RE = re.compile(r'\[default: ([^\]]*)\]')
@@ -114,10 +117,14 @@ HAND_WRITTEN = {
         f"{param_default(samplers.edm_sampler, 'sigma_min')}; ablation sampler: the --disc's, e.g. ve {VE_RANGE[0]}",
     ('generate.py generate', 'sigma_max'):
         f"{param_default(samplers.edm_sampler, 'sigma_max')}; ablation sampler: the --disc's, e.g. ve {VE_RANGE[1]}",
+    ('reconstruct_phema.py', 'outkimg'): 'the newest',
     ('fid.py calc', 'detector'): "EDM's Inception-v3, downloaded once into the cache",
     ('fid.py calc', 'device'): DEVICE,
     ('fid.py ref', 'detector'): "EDM's Inception-v3, downloaded once into the cache",
     ('fid.py ref', 'device'): DEVICE,
+    ('fid.py calc', 'dinov2_model'): f"{dinov2.DEFAULT_MODEL}, downloaded once into the Hub's cache",
+    ('fid.py ref', 'dinov2_model'): f"{dinov2.DEFAULT_MODEL}, downloaded once into the Hub's cache",
+    ('train.py', 'metric_dinov2'): dinov2.DEFAULT_MODEL,
     ('dataset_tool.py encode', 'vae'): latents.DEFAULT_VAE,
     ('dataset_tool.py encode', 'scale_factor'): str(latents.DEFAULT_SCALE_FACTOR),
     ('dataset_tool.py encode', 'device'): DEVICE,
@@ -135,16 +142,19 @@ LIBRARY.update({('generate.py generate', flag): param_default(generation.generat
                 for flag, name in (('max_batch_size', 'batch_size'), ('cfg', 'cfg'), ('x_start', 'x_start'),
                                    ('y_start', 'y_start'))})
 for _path in ('fid.py calc', 'fid.py ref'):
-    LIBRARY.update({(_path, flag): param_default(metrics.calculate_fid, name)
+    LIBRARY.update({(_path, flag): param_default(metrics.calculate_metrics, name)
                     for flag, name in (('batch', 'batch_size'), ('workers', 'num_workers'), ('seed', 'seed'))})
 for _path in ('dataset_tool.py', 'dataset_tool.py convert', 'dataset_tool.py encode'):
     LIBRARY[(_path, 'channels')] = param_default(convert_dataset, 'channels')
 LIBRARY.update({('dataset_tool.py encode', name): param_default(encode_dataset, name) for name in ('xflip', 'batch')})
+LIBRARY[('reconstruct_phema.py', 'snapshot_format')] = param_default(phema.reconstruct, 'snapshot_format')
 
 # Shown defaults of the command line only, with no library default to agree with.
 CLI_ONLY = {('generate.py generate', 'seeds'),       # EDM's generate.py: 0-63
             ('generate.py generate', 'mask_pos'),    # the official flag, checked only
-            ('fid.py calc', 'num_expected')}         # EDM's fid.py: 50,000
+            ('fid.py calc', 'num_expected'),         # EDM's fid.py: 50,000
+            ('fid.py calc', 'metric_names'),         # EDM's fid.py: FID only
+            ('fid.py ref', 'metric_names')}
 
 
 def test_documented_defaults_are_the_code_defaults():

@@ -27,14 +27,7 @@ AUGMENT = dict(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, trans
 E_M_PIXEL_HALF = 0.2 * 4 + 0.3 * 2 + 0.5 * 1   # E[m] at real_p = 0.5 in pixel space: 1.9
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: tiny networks on a busy 2-core machine run several
-    times faster than with two contending threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -8,7 +8,7 @@ the options mean for the data (docs/DESIGN.md section 3).
 """
 
 import dnnlib
-from training import augment, networks, patching
+from training import augment, metrics, networks, patching, phema
 from training.dataset import dataset_class_name
 
 # train.py's flags and their defaults (EDM's, plus the Patch Diffusion ones).
@@ -17,13 +17,13 @@ DEFAULTS = dnnlib.EasyDict(
     real_p=0.5, train_on_latents=False, vae=None, scale_factor=None, progressive=False, implicit_mlp=False,
     pos_freqs=0, heads=None, token_size=None,
     duration=200, batch=512, batch_gpu=None, cbase=None, cres=None, blocks=None, attn=None, lr=10e-4,
-    P_mean=None, P_std=None, lr_rampup=10000, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
+    P_mean=None, P_std=None, lr_rampup=10000, ema=0.5, ema_std=None, dropout=0.13, augment=0.12, xflip=False,
     label_dropout=0, max_size=None,
     fp16=False, bf16=False, channels_last=False, compile=False, ls=1, bench=True, cache=True, workers=1,
     device='cpu', max_bad_steps=20, max_minutes=None, hang_timeout=120, snapshot_on_stop=False,
     accept_changed_data=False,
     tick=50, snap=50, dump=500, snapshot_format='pkl', samples=16, metrics=None, metric_ref=None,
-    metric_num=50000, seed=0, transfer=None,
+    metric_num=50000, metric_dinov2=None, seed=0, transfer=None,
 )
 
 # --precond: the preconditioning and loss of each name. 'pedm' is the official code's name of EDM's
@@ -34,7 +34,7 @@ PRECONDS = {'edm': 'edm', 'pedm': 'edm', 'vp': 'vp', 've': 've'}
 # Keys of the resolved options that the Trainer takes (the rest are the training loop's).
 TRAINER_KEYS = ('dataset_kwargs', 'data_loader_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs',
                 'augment_kwargs', 'patch_kwargs', 'latent_kwargs', 'performance_kwargs', 'seed', 'batch_size',
-                'batch_gpu', 'total_kimg', 'ema_halflife_kimg', 'ema_rampup_ratio', 'lr_rampup_kimg',
+                'batch_gpu', 'total_kimg', 'ema_halflife_kimg', 'ema_rampup_ratio', 'ema_stds', 'lr_rampup_kimg',
                 'loss_scaling')
 
 
@@ -93,9 +93,13 @@ def build_config(options, dataset):
              max_minutes=opts.max_minutes, hang_timeout=opts.hang_timeout, snapshot_on_stop=opts.snapshot_on_stop,
              accept_changed_data=opts.accept_changed_data,
              sample_count=opts.samples, device=str(opts.device), snapshot_format=opts.snapshot_format)
+    if opts.ema_std:   # only then: the options of runs without power EMAs stay as they were
+        c.ema_stds = phema.check_stds(opts.ema_std)
     if opts.metrics:
-        c.metrics = [opts.metrics]
-        c.metric_kwargs = dnnlib.EasyDict(ref=opts.metric_ref, num=opts.metric_num)
+        c.metrics = list(opts.metrics)
+        c.metric_kwargs = dnnlib.EasyDict(ref=metric_refs(opts), num=opts.metric_num)
+        if opts.metric_dinov2:
+            c.metric_kwargs.dinov2 = opts.metric_dinov2
     if opts.transfer:
         c.transfer_pkl = opts.transfer
     return c
@@ -154,8 +158,7 @@ def _check_flags(opts, dataset):
     """ValueError for flags that contradict each other or the dataset's kind."""
     if opts.fp16 and opts.bf16:
         raise ValueError('--fp16 and --bf16 are exclusive: pick one')
-    if opts.metrics and not opts.metric_ref:
-        raise ValueError('--metrics=fid needs --metric-ref=NPZ|URL (reference statistics from fid.py ref)')
+    _check_metric_flags(opts)
     if opts.label_dropout and not opts.cond:
         raise ValueError('--label-dropout needs a conditional model (--cond=1)')
     if opts.precond not in PRECONDS:
@@ -175,6 +178,24 @@ def _check_flags(opts, dataset):
         raise ValueError(f'--vae and --scale_factor are for raw images; {opts.data} was encoded with '
                          f'{dataset.vae} (scale factor {dataset.scale_factor})')
     _check_architecture_flags(opts)
+
+
+def metric_refs(opts):
+    """{metric: reference statistics} of --metrics and --metric-ref (one per metric, in the same order)."""
+    return metrics.per_metric(opts.metrics, opts.metric_ref, '--metric-ref')
+
+
+def _check_metric_flags(opts):
+    """ValueError for metric flags that cannot work: unknown metrics, references missing, a stray --metric-dinov2."""
+    if opts.metrics:
+        metrics.check_metric_names(list(opts.metrics))
+        if not opts.metric_ref:
+            raise ValueError(f'--metrics={",".join(opts.metrics)} needs --metric-ref=NPZ|URL[,...] (reference '
+                             f'statistics from fid.py ref, one per metric, in the same order)')
+        metric_refs(opts)
+    if opts.metric_dinov2 and 'fd_dinov2' not in (opts.metrics or ()):
+        raise ValueError('--metric-dinov2 is the model of --metrics=fd_dinov2; add fd_dinov2 to --metrics or leave '
+                         '--metric-dinov2 out')
 
 
 def _check_architecture_flags(opts):

@@ -48,7 +48,7 @@ FLAG_NAMES = {
     'latent_kwargs.scale_factor': '--scale_factor', 'performance_kwargs.precision': '--bf16',
     'performance_kwargs.channels_last': '--channels-last', 'performance_kwargs.compile_kwargs': '--compile',
     'seed': '--seed', 'batch_size': '--batch', 'batch_gpu': '--batch-gpu', 'total_kimg': '--duration',
-    'ema_halflife_kimg': '--ema', 'lr_rampup_kimg': '--lr-rampup', 'loss_scaling': '--ls',
+    'ema_halflife_kimg': '--ema', 'ema_stds': '--ema-std', 'lr_rampup_kimg': '--lr-rampup', 'loss_scaling': '--ls',
     'kimg_per_tick': '--tick', 'snapshot_ticks': '--snap', 'state_dump_ticks': '--dump', 'sample_count': '--samples',
     'metrics': '--metrics', 'metric_kwargs': '--metric-ref/--metric-num', 'snapshot_format': '--snapshot-format',
     'max_bad_steps': '--max-bad-steps', 'device': '--device', 'cudnn_benchmark': '--bench',

@@ -88,11 +88,12 @@ def _network_from_pickle(f, name):
 #   format_version  '1'
 #   architecture    JSON {"class_name": preconditioner class (EDMPrecond, VPPrecond, VEPrecond),
 #                         "init_args": [...], "init_kwargs": {...}}  (the constructor call)
-#   dataset_kwargs, patch_kwargs, latent   JSON of the snapshot entries of these names (absent or null: none)
+#   dataset_kwargs, patch_kwargs, latent, phema   JSON of the snapshot entries of these names (absent or null:
+#                   none; phema: a power EMA's width and time, training.phema)
 
 SAFETENSORS_FORMAT = 'patch-diffusion-snapshot'
 SAFETENSORS_VERSION = 1
-_SAFETENSORS_META_KEYS = ('dataset_kwargs', 'patch_kwargs', 'latent')
+_SAFETENSORS_META_KEYS = ('dataset_kwargs', 'patch_kwargs', 'latent', 'phema')
 
 
 def network_classes():

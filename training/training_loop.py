@@ -38,12 +38,12 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
-from training import generation, latents, patching, runs, snapshots, stopping
+from training import generation, latents, patching, phema, runs, snapshots, stopping
 from training.augment import AugmentPipe
 from training.dataset import open_dataset
 from training.denoiser import input_multiple
 from training.loss import build_loss
-from training.metrics import calc_metric_for_network
+from training.metrics import calc_metrics_for_network
 from training.networks import build_network, image_shape
 
 
@@ -123,12 +123,14 @@ class Trainer:
     def __init__(self, dataset_kwargs=None, data_loader_kwargs=None, network_kwargs=None, loss_kwargs=None,
                  optimizer_kwargs=None, augment_kwargs=None, patch_kwargs=None, latent_kwargs=None,
                  performance_kwargs=None, seed=0, batch_size=512, batch_gpu=None, total_kimg=200000,
-                 ema_halflife_kimg=500, ema_rampup_ratio=0.05, lr_rampup_kimg=10000, loss_scaling=1,
+                 ema_halflife_kimg=500, ema_rampup_ratio=0.05, ema_stds=(), lr_rampup_kimg=10000, loss_scaling=1,
                  device='cpu', dataset=None):
         """The resolved options of training.config.build_config (see there),
         on `device`; `dataset`: an opened dataset instead of dataset_kwargs.
         performance_kwargs: precision ('fp32' | 'bf16' autocast),
-        channels_last, compile_kwargs (None: eager; else torch.compile's)."""
+        channels_last, compile_kwargs (None: eager; else torch.compile's).
+        ema_stds: relative widths of power-function EMAs kept besides the
+        classic one (training.phema), on rank 0 only: they are only saved."""
         self.device = device = torch.device(device)
         rank, world = dist.get_rank(), dist.get_world_size()
         self.seed, self.rank = seed, rank
@@ -171,6 +173,8 @@ class Trainer:
         memory_format = torch.channels_last if performance['channels_last'] else torch.contiguous_format
         self.net.train().requires_grad_(True).to(device, memory_format=memory_format)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.ema_stds = phema.check_stds(ema_stds)
+        self.phema = phema.PowerEMAs(self.net, self.ema_stds) if self.ema_stds and rank == 0 else None
         self.loss_fn = build_loss(loss_kwargs)
         self.augment_pipe = AugmentPipe(**augment_kwargs) if augment_kwargs else None
         # Fused Adam skips a step with non-finite gradients on the device (found_inf): the step never
@@ -227,6 +231,8 @@ class Trainer:
                      seed=self.seed)
         if self.data_fingerprint is not None:
             state['data'] = self.data_fingerprint
+        if self.phema is not None:
+            state['phema'] = self.phema.state_dict()
         return state
 
     @functools.cached_property
@@ -249,11 +255,19 @@ class Trainer:
     def load_state_dict(self, state):
         self.net.load_state_dict(state['net'])
         self.ema.load_state_dict(state['ema'])
+        self._load_phema(state.get('phema'))
         self.optimizer.load_state_dict(state['optimizer'])
         self.step_count = int(state['step'])
         # States written before images were counted per step hold no 'nimg': step * batch * E[m] then.
         self.cur_nimg = int(state['nimg']) if 'nimg' in state else int(round(self.step_count * self.nimg_per_step))
         self.start_data(int(state['consumed']))
+
+    def _load_phema(self, recorded):
+        """Load the power EMAs of a training state (`recorded`: its 'phema'
+        entry or None); every rank checks that the widths are the options'."""
+        phema.check_resumed_stds(recorded, self.ema_stds)
+        if self.phema is not None:
+            self.phema.load_state_dict(recorded)
 
     @contextlib.contextmanager
     def _out_of_memory_says_what(self, P, round_idx, rounds, batches_per_round):
@@ -336,6 +350,8 @@ class Trainer:
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - ema_beta)
             for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
                 b_ema.copy_(b_net)
+        if self.phema is not None:
+            self.phema.update(self.net, nimg, self.cur_nimg)
         return P
 
 
@@ -571,9 +587,17 @@ def _save_outputs(trainer, cur_tick, done, run_dir, snapshot_ticks, state_dump_t
         def write_snapshot():
             path = os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl')
             extra = dict(patch_kwargs=dict(patch_kwargs), **({'latent': latent} if latent else {}))
-            with runs.writing(path if snapshot_format != 'safetensors' else os.path.splitext(path)[0] + '.safetensors'):
-                snapshots.save_snapshot(path, trainer.ema, trainer.loss_fn, trainer.augment_pipe, dataset_kwargs,
-                                        extra=extra, snapshot_format=snapshot_format)
+            nets = [(path, trainer.ema, extra)]
+            if trainer.phema is not None:   # the power EMAs, each a snapshot that records its width and time
+                nets += [(os.path.join(run_dir, phema.snapshot_name(kimg_tag, std)), net,
+                          dict(extra, phema=dict(std=std, gamma=gamma, nimg=trainer.cur_nimg,
+                                                 ema_rampup_ratio=trainer.ema_rampup_ratio)))
+                         for std, gamma, net in zip(trainer.phema.stds, trainer.phema.gammas, trainer.phema.nets)]
+            for net_path, net, net_extra in nets:
+                with runs.writing(net_path if snapshot_format != 'safetensors'
+                                  else os.path.splitext(net_path)[0] + '.safetensors'):
+                    snapshots.save_snapshot(net_path, net, trainer.loss_fn, trainer.augment_pipe, dataset_kwargs,
+                                            extra=net_extra, snapshot_format=snapshot_format)
             if sample_count:
                 grid_path = os.path.join(run_dir, f'samples-{kimg_tag}.png')
                 with runs.writing(grid_path):
@@ -596,8 +620,8 @@ def _save_state(trainer, run_dir, cur_tick):
 
 
 def _run_metrics(ema, metric_names, metric_kwargs, run_dir, kimg_tag, device):
-    for metric in metric_names:
-        result = calc_metric_for_network(metric, ema, device=device, **metric_kwargs)
+    results = calc_metrics_for_network(metric_names, ema, device=device, **metric_kwargs)   # one set of images
+    for metric, result in results.items():
         if dist.get_rank() == 0:
             line = json.dumps(dict(metric=metric, results=result, snapshot_kimg=int(kimg_tag), timestamp=time.time()))
             path = os.path.join(run_dir, f'metric-{metric}.jsonl')
