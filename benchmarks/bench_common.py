@@ -17,6 +17,11 @@ train.py does:
     dit-s       DiT-S/4 (hidden 384, depth 12, 6 heads, 4x4 tokens) on 32x32 demo
                 shapes, batch 16: seconds per step on 2 cores; its patches of 8 and
                 16 pixels are 2x2 and 4x4 tokens
+    gpu-dit-b   DiT-B/2 on 32x32x4 latent-shaped data (as gpu-latent), batch 256
+    gpu-dit-xl  DiT-XL/2 on 32x32x4 latent-shaped data, batch 256
+    dit-tiny    a DiT of DiT-S's kind scaled down for CPU quality runs (hidden 128,
+                depth 6, 4 heads, 4x4 tokens) on 32x32 demo shapes, batch 16: its
+                8-, 16- and 32-pixel crops are 4, 16 and 64 tokens
 
 No preset augments (train.py's default --augment is 0.12).
 """
@@ -74,6 +79,12 @@ PRESETS = {
                          resolution=32, channels=4, data='random'),
     'dit-s': Preset(dict(arch='dit-s', token_size=4, dropout=0, augment=0, batch=16, batch_gpu=16, lr=1e-4),
                     resolution=32, channels=3),
+    'gpu-dit-b': Preset(dict(arch='dit-b', token_size=2, dropout=0, augment=0, batch=256, batch_gpu=256, lr=1e-4),
+                        resolution=32, channels=4, data='random'),
+    'gpu-dit-xl': Preset(dict(arch='dit-xl', token_size=2, dropout=0, augment=0, batch=256, batch_gpu=256, lr=1e-4),
+                         resolution=32, channels=4, data='random'),
+    'dit-tiny': Preset(dict(arch='dit-s', cbase=128, blocks=6, heads=4, token_size=4, dropout=0, augment=0,
+                            batch=16, batch_gpu=16, lr=1e-3), resolution=32, channels=3),
 }
 
 

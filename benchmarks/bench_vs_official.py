@@ -95,6 +95,7 @@ import torch
 import bench_common as common
 from bench_common import float_key, gib
 from bench_train import expected_per_step, mean_seconds_by_patch, set_backend_flags
+import dnnlib
 from torch_utils import misc
 from training import config, generation, latents, samplers, snapshots
 from training.denoiser import make_denoiser, network_info, sampling_region
@@ -671,17 +672,11 @@ def train_side_by_side(code, preset, dataset, real_ps, fp16, options, rounds, bl
     return rows, facts, notes
 
 
-class RealPList(click.ParamType):
+class RealPList(dnnlib.util.FloatList):
     """Distinct real_p values in [0, 1], given as e.g. 1,0.5."""
-    name = 'list'
 
     def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            values = common.parse_float_list(value)
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
+        values = super().convert(value, param, ctx)
         if any(not 0 <= p <= 1 for p in values) or len(set(values)) != len(values):
             self.fail(f'{value!r}: give distinct values in [0, 1]', param, ctx)
         return values

@@ -13,10 +13,14 @@
 #    alone (one patch shape, so one compilation: ~2 minutes on an H100). Each
 #    reports kimg/s, the ratio, model TFLOP/step and the fraction of the
 #    card's peak.
-# On an H100 the steps took 119 (tests), 52, 82, 61 and ~135 s: ~460 s in all
-# with the set-up.
+# 3. bench_train.py --preset=gpu-dit-b and gpu-dit-xl (DiT-B/2, DiT-XL/2 on
+#    32x32x4) in bf16 at real_p 1 / 0.5 / 0.25 (not yet run on a GPU: a
+#    minute each at most).
+# On an H100 the steps of 1. and 2. took 119 (tests), 52, 82, 61 and ~135 s:
+# ~460 s in all with the set-up; with 3. the default deadline cuts the
+# compile step, the last: raise DEADLINE_S to ~590 for all of them.
 #
-# 3. Only when OFFICIAL_DIR names a checkout of the official Patch Diffusion
+# 4. Only when OFFICIAL_DIR names a checkout of the official Patch Diffusion
 #    code (skipped when unset): bench_vs_official.py for gpu-paper and
 #    gpu-latent, our training and sampling against the official code's (QUICK:
 #    cpu-small only). Not yet run on a GPU; the steps above leave it no time
@@ -24,10 +28,10 @@
 #    or runs its two commands alone (docs/PERFORMANCE.md, "Side by side with
 #    the official code").
 #
-# Logs and JSON summaries go to $OUT (a new temp folder when unset); at most
-# 8 files. QUICK=1 runs the same steps on CPU with the cpu-small preset and a
-# tiny batch, gpu-latent at real_p 1 only (to check this script where there is
-# no GPU; it passes in under a minute on 2 cores).
+# Logs go to $OUT/all_logs.txt and the JSON summaries, by step, to
+# $OUT/summary.json ($OUT: a new temp folder when unset). QUICK=1 runs the
+# same steps on CPU with the cpu-small preset and a tiny batch, gpu-latent and
+# DiT-B/2 at real_p 1 only (to check this script where there is no GPU).
 # Python packages missing on the machine travel as wheels in .whl/ (see the
 # device notes); they are installed to /tmp/site when that folder has any.
 # Each step gets its own limit, cut to what is left before the deadline; the
@@ -36,6 +40,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-470}
 QUICK=${QUICK:-0}
@@ -99,6 +104,18 @@ BENCH=("$PY" benchmarks/bench_train.py --real-p=1,0.5)
 step paper_bf16 90 "${BENCH[@]}" "${PAPER[@]}" "${SHORT[@]}" --precision=bf16 --json="$OUT/paper_bf16.json"
 step paper_fp32 110 "${BENCH[@]}" "${PAPER[@]}" "${SHORT[@]}" --precision=fp32 --json="$OUT/paper_fp32.json"
 step latent_bf16 80 "${BENCH[@]}" "${LATENT[@]}" "${SHORT[@]}" --precision=bf16 --json="$OUT/latent_bf16.json"
+# DiT-B/2 and DiT-XL/2 on 32x32x4 latents (issue 20), real_p 1 / 0.5 / 0.25 in bf16.
+SIZES="b xl"
+[ "$QUICK" = 0 ] || SIZES=b   # DiT-XL/2 would need ~14 GB of CPU memory for Adam
+for size in $SIZES; do
+    if [ "$QUICK" = 0 ]; then
+        DIT=(--preset=gpu-dit-$size --real-p=1,0.5,0.25)
+    else
+        DIT=(--preset=gpu-dit-$size --batch=2 --batch-gpu=2 --max-size=8 --device=cpu --threads=1 --real-p=1 --no-flops)
+    fi
+    step dit_${size}_bf16 60 "$PY" benchmarks/bench_train.py "${DIT[@]}" "${SHORT[@]}" --precision=bf16 \
+        --json="$OUT/dit_${size}_bf16.json"
+done
 if [ "$QUICK" = 0 ]; then
     step paper_bf16_compile 150 "$PY" benchmarks/bench_train.py --real-p=1 "${PAPER[@]}" --rounds=1 --block=3 --warmup=1 \
         --precision=bf16 --compile --no-flops --json="$OUT/paper_bf16_compile.json"
@@ -118,8 +135,18 @@ if [ -n "${OFFICIAL_DIR:-}" ]; then
     fi
 fi
 
-# Everything in one log too (the JSON files are each bench's last line).
+# Everything in one log, and the JSON summaries in one file (a device session brings back 8 files at most).
 for f in "$OUT"/*.log; do echo "##### $f"; cat "$f"; done > "$OUT/all_logs.txt" 2>&1
 rm -f "$OUT"/*.log
+"$PY" - "$OUT" <<'PY' || status=1
+import json, os, sys
+out = sys.argv[1]
+names = sorted(name for name in os.listdir(out) if name.endswith('.json') and name != 'summary.json')
+summary = {name[:-len('.json')]: json.load(open(os.path.join(out, name))) for name in names}
+with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+for name in names:
+    os.remove(os.path.join(out, name))
+PY
 echo "results in $OUT after ${SECONDS}s"
 exit "$status"
