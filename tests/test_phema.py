@@ -287,6 +287,18 @@ def test_training_writes_power_ema_snapshots(phema_run):
     assert len(sources) == 8 and all(s.path.endswith('.safetensors') for s in sources)
 
 
+def test_snapshot_meta_from_the_header_alone(phema_run, tmp_path):
+    """find_sources reads a .safetensors snapshot's header only: the same meta
+    as load_network's; a cut header is an error naming the file."""
+    path = os.path.join(phema_run, 'network-snapshot-000002-0.050.safetensors')
+    assert snapshots.load_snapshot_meta(path) == snapshots.load_network(path)[1]
+    data = open(path, 'rb').read()
+    cut = tmp_path / 'cut.safetensors'
+    cut.write_bytes(data[:100])
+    with pytest.raises(ValueError, match='cut.safetensors is not a readable .safetensors file'):
+        snapshots.load_snapshot_meta(str(cut))
+
+
 def test_command_reconstructs_a_tracked_width_and_generate_samples_it(phema_run, tmp_path):
     outdir = tmp_path / 'out'
     result = CliRunner().invoke(reconstruct_phema.main, [f'--indir={phema_run}', f'--outdir={outdir}',

@@ -235,8 +235,9 @@ def snapshot_name(kimg_tag, std):
 
 def find_sources(indir):
     """The power-EMA snapshots in `indir` (one per time and width; of a .pkl
-    and .safetensors pair, the .safetensors: nothing is unpickled), read for
-    their metadata. ValueError if there are none or they disagree."""
+    and .safetensors pair, the .safetensors: nothing is unpickled, and only
+    its header is read here), sorted by time, with their metadata.
+    ValueError if there are none or one records no power EMA."""
     if not os.path.isdir(indir):
         raise ValueError(f'--indir={indir} is not a folder; give the run folder of a training with --ema-std')
     names = set(os.listdir(indir))
@@ -249,8 +250,8 @@ def find_sources(indir):
         raise ValueError(f'{indir} holds no power-EMA snapshots (network-snapshot-NNNNNN-0.050.pkl, ...): train '
                          f'with --ema-std=0.05,0.10 to keep them')
     sources = []
-    for path in chosen.values():
-        _, meta = snapshots.load_network(path)
+    for path in chosen.values():   # the time and width, without the weights (.safetensors: the header only)
+        meta = snapshots.load_snapshot_meta(path)
         info = meta.get('phema')
         if not isinstance(info, dict) or 'gamma' not in info or 'nimg' not in info:
             raise ValueError(f'{path} is named as a power-EMA snapshot but records no power EMA ("phema" entry)')
@@ -280,8 +281,7 @@ def reconstruct(indir, outdir, stds=(), halflives_kimg=(), kimg=None, snapshot_f
             raise ValueError(f'--outkimg={kimg}: the first power-EMA snapshot of {indir} is at kimg '
                              f'{sources[0].nimg // 1000}')
         sources = earlier
-    t = sources[-1].nimg
-    sources = [s for s in sources if s.nimg <= t]
+    t = sources[-1].nimg   # the newest: sources are sorted by time
     profiles = [PowerProfile(s.nimg, s.gamma) for s in sources]
     kimg_tag = f'{t // 1000:06d}'
     targets = [(f'phema-{kimg_tag}-{std_label(std)}', PowerProfile(t, std_to_gamma(std)),

@@ -145,9 +145,9 @@ def _safetensors_metadata(data, name):
         raise ValueError(f'{name} is not a readable .safetensors file; it may be truncated ({err})') from None
 
 
-def _network_from_safetensors(data, name):
-    """(net, meta) of the bytes of a .safetensors snapshot. Builds the network
-    from the named class of this code and loads the tensors: nothing is unpickled."""
+def _checked_metadata(data, name):
+    """The header's string map of a .safetensors snapshot (`data`: the file's
+    bytes, or at least its header), checked to be this code's format and version."""
     metadata = _safetensors_metadata(data, name)
     if metadata.get('format') != SAFETENSORS_FORMAT:
         raise ValueError(f'{name} is a .safetensors file but not a network snapshot of this code '
@@ -155,13 +155,32 @@ def _network_from_safetensors(data, name):
     if metadata.get('format_version') != str(SAFETENSORS_VERSION):
         raise ValueError(f'{name} is snapshot format version {metadata.get("format_version")}; this code reads '
                          f'version {SAFETENSORS_VERSION}')
+    return metadata
+
+
+def _meta_of(metadata):
+    """The snapshot entries (dataset_kwargs, ...) of a checked header map, as load_network's meta."""
+    meta = dnnlib.EasyDict({key: json.loads(metadata[key]) for key in _SAFETENSORS_META_KEYS if key in metadata})
+    if meta.get('latent') is None:
+        meta.pop('latent', None)
+    return meta
+
+
+def _unreadable(name, err):
+    return ValueError(dnnlib.util.one_line(f'{name} is not a readable .safetensors snapshot; it may be truncated '
+                                           f'({type(err).__name__}: {err})'))
+
+
+def _network_from_safetensors(data, name):
+    """(net, meta) of the bytes of a .safetensors snapshot. Builds the network
+    from the named class of this code and loads the tensors: nothing is unpickled."""
+    metadata = _checked_metadata(data, name)
     try:
         tensors = safetensors.torch.load(data)
         architecture = json.loads(metadata['architecture'])
-        meta = dnnlib.EasyDict({key: json.loads(metadata[key]) for key in _SAFETENSORS_META_KEYS if key in metadata})
+        meta = _meta_of(metadata)
     except Exception as err:   # safetensors' own errors have no common base class
-        raise ValueError(dnnlib.util.one_line(f'{name} is not a readable .safetensors snapshot; it may be truncated '
-                                   f'({type(err).__name__}: {err})')) from None
+        raise _unreadable(name, err) from None
     cls = network_classes().get(architecture.get('class_name'))
     if cls is None:
         raise ValueError(f'{name} names the network class {architecture.get("class_name")!r}; this code knows '
@@ -173,9 +192,24 @@ def _network_from_safetensors(data, name):
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(dnnlib.util.one_line(f'{name}: the weights do not fit the recorded architecture '
                                    f'{architecture.get("class_name")} ({err})')) from None
-    if meta.get('latent') is None:
-        meta.pop('latent', None)
     return net, meta
+
+
+def load_snapshot_meta(path):
+    """The meta of load_network(path) without its network where the format
+    allows: of a local .safetensors snapshot only the header is read (a
+    pickle is loaded whole). ValueError naming the file, as load_network."""
+    if not _is_safetensors_name(path) or not os.path.isfile(path):
+        return load_network(path)[1]
+    with open(path, 'rb') as f:
+        head = f.read(8)
+        size = int.from_bytes(head, 'little') if len(head) == 8 else 0
+        data = head + f.read(size)
+    metadata = _checked_metadata(data, path)
+    try:
+        return _meta_of(metadata)
+    except ValueError as err:   # a JSON entry that does not parse
+        raise _unreadable(path, err) from None
 
 
 def convert_snapshot(src, dest):
