@@ -1,5 +1,5 @@
 # An image of this repository: Python 3.11 and torch 2.13.0, the versions the test suite ran with
-# (README.md, "Requirements"), and the project installed with its dev and latent extras, as
+# (docs/INSTALL.md, "Requirements"), and the project installed with its dev and latent extras, as
 # `make test` installs it. PyPI's Linux torch wheel brings its own CUDA libraries, so the same image
 # runs on CPU and, with --gpus all, on NVIDIA GPUs (the host needs only the driver).
 #
@@ -23,7 +23,9 @@ RUN pip install --no-cache-dir "$TORCH_SPEC"
 WORKDIR /opt/patch-diffusion
 COPY pyproject.toml README.md LICENSE Makefile ./
 COPY train.py generate.py fid.py dataset_tool.py reconstruct_phema.py ./
+COPY dataset_prep dataset_prep
 COPY dnnlib dnnlib
+COPY evaluation evaluation
 COPY torch_utils torch_utils
 COPY training training
 COPY benchmarks benchmarks

@@ -8,18 +8,18 @@ train.py and fid.py read.
         --dest=datasets/imagenet-latents.zip --xflip=1
 
 Without a subcommand the tool runs `convert`, so EDM's invocations keep
-working. This file is the command line only: training.sources reads the
-inputs, training.archive writes the archives (their layout: docs/DESIGN.md,
+working. This file is the command line only: dataset_prep.sources reads the
+inputs, dataset_prep.archive writes the archives (their layout: docs/DESIGN.md,
 "File formats").
 """
 
-import re
 
 import click
 
+from dataset_prep import demo_data
+from dataset_prep.archive import CHANNELS, TRANSFORMS, convert_dataset, encode_dataset
 import dnnlib
-from training import demo_data, latents
-from training.archive import CHANNELS, TRANSFORMS, convert_dataset, encode_dataset
+from training import latents
 
 
 def parse_resolution(ctx, param, value):

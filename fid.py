@@ -11,7 +11,7 @@ FD-DINOv2 (the Frechet distance in DINOv2 ViT-L/14 features), as EDM2 reports it
     python fid.py ref --data=datasets/x.zip --metrics=fid,fd_dinov2 --dest=refs/x.npz,refs/x-dinov2.npz
     python fid.py calc --images=out --metrics=fid,fd_dinov2 --ref=refs/x.npz,refs/x-dinov2.npz
 
-The computation is in training/metrics.py; this script parses flags.
+The computation is in evaluation/metrics.py; this script parses flags.
 """
 
 import os
@@ -19,8 +19,8 @@ import os
 import click
 
 import dnnlib
+from evaluation import dinov2, metrics
 from torch_utils import distributed as dist
-from training import dinov2, metrics
 
 
 def _run(fn, **kwargs):

@@ -44,10 +44,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from dataset_prep.archive import convert_dataset  # noqa: E402
 import dnnlib  # noqa: E402
 from dnnlib.util import atomic_write  # noqa: E402
 from training import config  # noqa: E402
-from training.archive import convert_dataset  # noqa: E402
 from training.dataset import dataset_class_name, open_dataset  # noqa: E402
 from training.training_loop import Trainer  # noqa: E402
 

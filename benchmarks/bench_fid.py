@@ -1,4 +1,4 @@
-"""Time the Frechet distance: training.metrics (symmetric eigenvalues) vs scipy.linalg.sqrtm.
+"""Time the Frechet distance: evaluation.metrics (symmetric eigenvalues) vs scipy.linalg.sqrtm.
 
 Statistics come from synthetic 2048-d features shaped like Inception pool
 features: non-negative (ReLU), correlated through a low-dimensional latent,
@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import metrics  # noqa: E402
+from evaluation import metrics  # noqa: E402
 
 
 def synthetic_stats(rng, dim, num, shift, scale):
@@ -65,7 +65,7 @@ def main(dim, num, repeats, seed):
     reference, scipy_s = best_time(lambda: scipy_frechet_distance(mu1, sigma1, mu2, sigma2), repeats)
     rel_diff = abs(ours - reference) / abs(reference)
     print(f'dim {dim}, {num} samples per set, best of {repeats}')
-    print(f'training.metrics: FID {ours:.10g} in {ours_s:.3f} s')
+    print(f'evaluation.metrics: FID {ours:.10g} in {ours_s:.3f} s')
     print(f'scipy sqrtm:      FID {reference:.10g} in {scipy_s:.3f} s')
     print(f'speed-up {scipy_s / ours_s:.1f}x, relative difference {rel_diff:.2e}')
     print(json.dumps(dict(dim=dim, num=num, repeats=repeats, fid=ours, fid_scipy=reference, ours_s=ours_s,

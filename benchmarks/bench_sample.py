@@ -19,7 +19,8 @@ import torch
 import bench_common as common
 import dnnlib
 from training import denoiser, generation, snapshots
-from training.networks import build_network, resolution_value
+from training.architectures import build_network
+from training.networks import resolution_value
 
 
 def fresh_network(preset, device):

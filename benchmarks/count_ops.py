@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench_common as common
 from training import patching
-from training.networks import build_network
+from training.architectures import build_network
 
 
 class OperatorCounter(TorchDispatchMode):

@@ -20,6 +20,8 @@
 # ~460 s in all with the set-up; with 3. the default deadline cuts the
 # compile step, the last: raise DEADLINE_S to ~590 for all of them.
 #
+# 3b. bench_preemption.py --preset=gpu-paper: seconds from a SIGTERM to the
+#    training state on disk (2 stops; not yet run on a GPU, about a minute).
 # 4. Only when OFFICIAL_DIR names a checkout of the official Patch Diffusion
 #    code (skipped when unset): bench_vs_official.py for gpu-paper and
 #    gpu-latent, our training and sampling against the official code's (QUICK:
@@ -116,6 +118,14 @@ for size in $SIZES; do
     step dit_${size}_bf16 60 "$PY" benchmarks/bench_train.py "${DIT[@]}" "${SHORT[@]}" --precision=bf16 \
         --json="$OUT/dit_${size}_bf16.json"
 done
+# Preemption (issue 25): from a SIGTERM to the training state on disk, the paper's network on one GPU.
+if [ "$QUICK" = 0 ]; then
+    step preemption 90 "$PY" benchmarks/bench_preemption.py --preset=gpu-paper --nproc=1 --device=cuda --repeat=2 \
+        --json="$OUT/preemption.json"
+else
+    step preemption 90 "$PY" benchmarks/bench_preemption.py --preset=cpu-demo --nproc=1 --repeat=1 --after-ticks=1 \
+        --json="$OUT/preemption.json"
+fi
 if [ "$QUICK" = 0 ]; then
     step paper_bf16_compile 150 "$PY" benchmarks/bench_train.py --real-p=1 "${PAPER[@]}" --rounds=1 --block=3 --warmup=1 \
         --precision=bf16 --compile --no-flops --json="$OUT/paper_bf16_compile.json"

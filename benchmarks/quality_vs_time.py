@@ -14,7 +14,7 @@ minute, on the dataset's class labels (the 5 shapes of the demo data), with
 the colour channels of its training images in random order so that it tells
 the shapes apart by outline, not by the demo data's class colours. Such a
 network needs no download; it is saved as TorchScript and loaded with
-training.metrics.load_detector, so the statistics go through the same code
+evaluation.metrics.load_detector, so the statistics go through the same code
 as `fid.py --detector=PATH`. Its numbers are comparable only with each
 other (same detector, same number of images, same sampler settings).
 
@@ -40,7 +40,8 @@ import torch
 import bench_common as common
 from bench_common import float_key
 from dnnlib.util import atomic_path
-from training import generation, metrics
+from evaluation import metrics
+from training import generation
 from training.dataset import ImageFolderDataset
 
 METRIC_NAME = 'Frechet distance in shape-classifier features (NOT Inception-FID)'

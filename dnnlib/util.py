@@ -1,5 +1,7 @@
-"""EasyDict, atomic file writes, `open_url` with a download cache, and the
-error handling shared by the command-line tools."""
+"""EasyDict, atomic file writes, `open_url` with a download cache (and
+hf:// Hugging Face Hub addresses), and the error handling shared by the
+command-line tools. This package and torch_utils import nothing of the
+packages above them (training, evaluation, dataset_prep)."""
 
 import contextlib
 import functools
@@ -214,13 +216,12 @@ def open_url(path_or_url, cache=True, cache_dir=None, num_attempts=_RETRIES, tim
     http(s) downloads go through a cache (`$DNNLIB_CACHE_DIR`, else
     ~/.cache/dnnlib), written atomically, so a second call reads the local
     copy and works offline. hf:// addresses go through huggingface_hub and
-    its own cache (training/hub.py); `cache`, `cache_dir`, `num_attempts`,
+    its own cache (download_hf); `cache`, `cache_dir`, `num_attempts`,
     `timeout` and `verbose` apply to http(s) only. Returns a binary file object.
     """
     path_or_url = os.fspath(path_or_url)
     if path_or_url.startswith('hf://'):
-        from training import hub   # here, not at the top: dnnlib is the lower layer, and the Hub is optional
-        return open(hub.download(path_or_url), 'rb')
+        return open(download_hf(path_or_url), 'rb')
     if not is_url(path_or_url):
         if not os.path.isfile(path_or_url):
             raise FileNotFoundError(f'No such file: {path_or_url}')
@@ -261,6 +262,89 @@ def _download(url, cache_path, num_attempts, timeout, verbose):
         f'Could not download {url} after {num_attempts} attempts ({last_error}). '
         f'To work offline, download the file elsewhere and either pass its local path instead of the URL, '
         f'or copy it to {cache_path} (the download cache; set DNNLIB_CACHE_DIR to move it).')
+
+
+# ----------------------------------------------------------------------------
+# Files on the Hugging Face Hub, addressed as hf://OWNER/REPO/FILE (or
+# hf://OWNER/REPO@REVISION/FILE, REVISION a branch, tag or commit hash).
+# `open_url` opens such addresses through `download_hf`, so every
+# option that names a network or statistics file (generate.py --network,
+# train.py --transfer, fid.py --ref and --detector) takes one.
+#
+# huggingface_hub does the fetching, as the well-kept implementation of the
+# Hub's cache: downloads go to its cache (HF_HUB_CACHE, else HF_HOME/hub,
+# else ~/.cache/huggingface/hub) and land there only when complete, with a
+# progress bar on a terminal and a cut transfer resumed; with
+# HF_HUB_OFFLINE=1 only the cache is read. It is an optional dependency
+# (pip install -e ".[hub]"), imported when an hf:// address is opened.
+
+HF_EXAMPLE = 'hf://zhendongw/patch-diffusion/patch_diffusion_imagenet_1k_ckpt.pkl'   # the official ImageNet checkpoint
+HF_INSTALL_HINT = 'pip install huggingface_hub (or pip install -e ".[hub]")'
+
+_HF_ADDRESS = re.compile(r'hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?/(?P<file>.+)')
+_HF_FORM = f'write hf://OWNER/REPO/FILE or hf://OWNER/REPO@REVISION/FILE, e.g. {HF_EXAMPLE}'
+
+
+def parse_hf_url(url):
+    """Split a Hub address: 'hf://OWNER/REPO[@REVISION]/FILE' -> (repo_id
+    'OWNER/REPO', filename 'FILE' (may contain folders, not . or ..),
+    revision or None). ValueError that shows the form for anything else."""
+    match = _HF_ADDRESS.fullmatch(url)
+    if match is None or any(part in ('', '.', '..') for part in match['file'].split('/')):
+        raise ValueError(f'{url} is not a Hugging Face Hub address: {_HF_FORM}')
+    return match['repo'], match['file'], match['revision']
+
+
+def download_hf(url):
+    """The local path of the file at Hub address `url` in the Hugging Face
+    cache, downloaded first unless it is there (see the comment above).
+
+    Raises ValueError for a malformed address and when huggingface_hub is not
+    installed, and DownloadError (an OSError) when the file
+    cannot be had: not cached while HF_HUB_OFFLINE is set, the Hub
+    unreachable, no such repository, revision or file, a failed transfer.
+    Each message is one line that says what to do.
+    """
+    repo_id, filename, revision = parse_hf_url(url)
+    try:
+        from huggingface_hub import constants, hf_hub_download, utils as hub_utils
+    except ImportError as err:
+        raise ValueError(f'{url}: files from the Hugging Face Hub need the huggingface_hub package ({err}); '
+                         f'install it with: {HF_INSTALL_HINT}') from None
+    where = f'{filename} of {repo_id}' + (f' at revision {revision}' if revision else '')
+    # The settings huggingface_hub read from the environment (HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT),
+    # passed on explicitly, so that the messages below name what was used.
+    cache, offline, endpoint = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE, constants.ENDPOINT
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, local_files_only=offline,
+                               endpoint=endpoint)
+    except hub_utils.LocalEntryNotFoundError as err:   # not cached, and the Hub not asked or not reached
+        if offline:
+            raise DownloadError(
+                f'{where} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: '
+                f'unset HF_HUB_OFFLINE to download it, or set HF_HUB_CACHE to a cache that holds it') from err
+        raise DownloadError(
+            f'Cannot reach the Hugging Face Hub ({endpoint}) to download {where}, and it is not in the '
+            f'cache ({cache}): check the network connection, or download the file elsewhere '
+            f'and pass its local path') from err
+    except hub_utils.RepositoryNotFoundError as err:   # also private and gated repositories without a token
+        raise DownloadError(
+            f'The Hugging Face Hub has no repository {repo_id} that this machine may read: check {url}; '
+            f'for a private or gated repository set HF_TOKEN to a token with access') from err
+    except hub_utils.RevisionNotFoundError as err:
+        raise DownloadError(
+            f'{repo_id} on the Hugging Face Hub has no revision {revision}: check {url}') from err
+    except hub_utils.EntryNotFoundError as err:
+        raise DownloadError(
+            f'The Hugging Face Hub has no file {where}: check {url} against the files listed at '
+            f'{endpoint}/{repo_id}/tree/{revision or "main"}') from err
+    except ValueError as err:   # huggingface_hub's checks of the repository id and the file name
+        raise ValueError(f'{url} is not a valid Hugging Face Hub address ({one_line(err)}); '
+                         f'{_HF_FORM}') from err
+    except Exception as err:   # a failed transfer: HTTP errors (requests' or httpx's types, by version), a full disk
+        raise DownloadError(
+            f'Cannot download {where} from the Hugging Face Hub ({type(err).__name__}: '
+            f'{one_line(err)}); try again, or download the file elsewhere and pass its local path') from err
 
 
 def one_line(text):

@@ -45,6 +45,17 @@ def repo_root():
     return REPO_ROOT
 
 
+def documentation_files():
+    """The user documentation: README.md, then docs/*.md in name order."""
+    return [REPO_ROOT / 'README.md', *sorted((REPO_ROOT / 'docs').glob('*.md'))]
+
+
+@pytest.fixture(scope='session')
+def docs_text():
+    """The text of all the user documentation (README.md and docs/*.md), joined."""
+    return '\n'.join(path.read_text() for path in documentation_files())
+
+
 @pytest.fixture
 def subprocess_env():
     """os.environ for a child process: PYTHONPATH = repo root, no torchrun

@@ -2,6 +2,8 @@
 
 import contextlib
 import subprocess
+import threading
+import time
 
 import psutil
 import pytest
@@ -40,3 +42,32 @@ def run_all(commands, env, timeout):
             proc.communicate()
         pytest.fail(f'{commands[0][:5]} did not finish within {timeout} s (hang)')
     return results
+
+
+def start(command, env, **popen_kwargs):
+    """(process, lines): Popen of `command` in a session of its own, its output
+    (stdout and stderr) collected line by line into `lines` by a thread, as a
+    log file fills."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, **popen_kwargs)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    return process, lines
+
+
+def wait_for_ticks(process, lines, count, timeout=120):
+    """Wait until the run has printed `count` more tick lines than it had."""
+    have = sum(line.startswith('tick ') for line in list(lines))
+    deadline = time.time() + timeout
+    while sum(line.startswith('tick ') for line in list(lines)) < have + count:
+        assert process.poll() is None and time.time() < deadline, ''.join(lines)[-3000:]
+        time.sleep(0.05)
+
+
+def job_processes(pid, include_root=True):
+    """A process and all its live descendants (a torchrun agent, its ranks, their DataLoader workers)."""
+    try:
+        root = psutil.Process(pid)
+        return ([root] if include_root else []) + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []

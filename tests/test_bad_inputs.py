@@ -31,9 +31,9 @@ import dnnlib
 import fid
 import generate
 import train
-from training import networks, snapshots
+from dataset_prep.archive import archive_name, convert_dataset
+from training import architectures, snapshots
 from training import training_loop as tl
-from training.archive import archive_name, convert_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning')
 
@@ -113,7 +113,7 @@ def good(tmp_path_factory):
     files.dataset = str(root / 'shapes-32x32.zip')
     convert_dataset('demo:shapes:8', files.dataset, resolution=(32, 32))
     torch.manual_seed(0)
-    net = networks.build_network(TINY_NET, 16, 3, 0)
+    net = architectures.build_network(TINY_NET, 16, 3, 0)
     files.pkl = str(root / 'net.pkl')
     snapshots.save_snapshot(files.pkl, net, None, None, {}, snapshot_format='both')
     files.safetensors = str(root / 'net.safetensors')

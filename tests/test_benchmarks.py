@@ -14,7 +14,8 @@ from click.testing import CliRunner
 import dnnlib
 import train
 from tests.conftest import REPO_ROOT, makefile_demo_flags
-from training import config, metrics
+from evaluation import metrics
+from training import config
 from training.dataset import ImageFolderDataset
 from training.patching import PatchSchedule
 
@@ -347,3 +348,24 @@ def test_list_parsers_say_what_is_wrong():
 def test_bench_sample_rejects_bad_batch_lists(batch, message):
     result = CliRunner().invoke(bench_sample.main, ['--batch', batch, '--device', 'cpu'])
     assert result.exit_code == 2 and message in result.output and '--batch' in result.output
+
+
+def test_bench_preemption_cpu_demo_is_the_make_demo_network():
+    import bench_preemption
+    flags, side = bench_preemption.PRESETS['cpu-demo']
+    ours = dict(flag.split('=', 1) for flag in flags)
+    demo = dict(flag.split('=', 1) for flag in makefile_demo_flags() if '=' in flag)
+    for name in ('--arch', '--cbase', '--cres', '--blocks', '--attn', '--batch', '--real_p', '--channels-last'):
+        assert ours[name] == demo[name], name
+    assert side == 32
+
+
+def test_bench_preemption_times_a_stop_delivered_from_outside(tmp_path, subprocess_env):
+    """One process, one SIGTERM from outside: a state written, and the times of the stop."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / 'benchmarks' / 'bench_preemption.py'),
+                             '--preset=cpu-demo', '--nproc=1', '--repeat=1', '--after-ticks=1', f'--workdir={tmp_path}'],
+                            capture_output=True, text=True, timeout=300, env=subprocess_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stop, summary = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert stop['returncode'] == 75 and 'SIGTERM received on rank 0' in stop['stopped']
+    assert summary['states_written'] == 1 and 0 < summary['signal_to_state_s_max'] <= stop['signal_to_exit_s'] < 30

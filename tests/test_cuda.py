@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from proctools import run_all
-from training import denoiser, generation, image_io, metrics, networks
+from dataset_prep.archive import convert_dataset
+from evaluation import metrics
+from training import architectures, denoiser, generation, image_io
 from training import training_loop as tl
-from training.archive import convert_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -167,7 +168,7 @@ def test_compiled_training_matches_eager(shapes_zip):
 
 def tiny_network(seed=0):
     torch.manual_seed(seed)
-    return networks.build_network(dict(TINY_NET), 32, 3, 0).eval().requires_grad_(False)
+    return architectures.build_network(dict(TINY_NET), 32, 3, 0).eval().requires_grad_(False)
 
 
 def test_sampling_on_cuda_matches_cpu_and_ignores_the_batch_size():

@@ -1,4 +1,4 @@
-"""training/dataset.py and training/demo_data.py: items, labels, x-flips,
+"""training/dataset.py and dataset_prep/demo_data.py: items, labels, x-flips,
 subsets, caching, DataLoader workers, and the demo shapes."""
 
 import json
@@ -10,9 +10,9 @@ import PIL.Image
 import pytest
 import torch
 
+from dataset_prep import demo_data
+from dataset_prep.archive import archive_name, convert_dataset
 import dnnlib
-from training import demo_data
-from training.archive import archive_name, convert_dataset
 from training.dataset import ImageFolderDataset
 
 

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from training import demo_data
-from training.archive import TRANSFORMS, archive_name, center_crop, center_crop_wide, convert_dataset
+from dataset_prep import demo_data
+from dataset_prep.archive import TRANSFORMS, archive_name, center_crop, center_crop_wide, convert_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Tests of the DiT (training/networks.py `DiT`; docs/DESIGN.md section 2,
+"""Tests of the DiT (training/networks_dit.py `DiT`; docs/DESIGN.md section 2,
 "Transformers"): the global position embedding, crops against the full image,
 batch independence, adaLN-Zero, attention, labels, refusals, and training,
 resuming, transfer, snapshots and sampling through the command lines.
@@ -18,9 +18,9 @@ from click.testing import CliRunner
 import generate
 import train
 from tests.conftest import REPO_ROOT
-from training import networks, patching, runs, snapshots
-from training.archive import convert_dataset
-from training.denoiser import input_multiple
+from dataset_prep.archive import convert_dataset
+from training import architectures, networks, networks_dit, patching, runs, snapshots
+from training.denoiser import network_input_multiple
 
 sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
 import bench_common  # noqa: E402
@@ -34,7 +34,7 @@ TINY = ['--arch=dit-s', '--cbase=32', '--blocks=2', '--heads=2', '--dropout=0', 
 def make_dit(resolution=16, channels=3, label_dim=0, seed=0, randomize=True, **kwargs):
     """A tiny preconditioned DiT in eval mode; `randomize`: every parameter random (no zero-initialised layers)."""
     torch.manual_seed(seed)
-    net = networks.build_network({**TINY_DIT, **kwargs}, resolution, channels, label_dim)
+    net = architectures.build_network({**TINY_DIT, **kwargs}, resolution, channels, label_dim)
     if randomize:
         generator = torch.Generator().manual_seed(seed + 1000)
         with torch.no_grad():
@@ -83,14 +83,14 @@ def test_positions_are_token_indices_of_the_full_image():
     """u = x_t * G/2: neighbouring tokens of the full image are R / (R - 1) apart, centred on the image;
     the embedding is [sin(u w), cos(u w), sin(v w), cos(v w)] with w_i = 10000^(-i / (D/4))."""
     R, p, D = 16, 2, 32
-    coords = networks.token_coordinates(networks.full_grid(R), p)            # [1, 64, 2]
+    coords = networks_dit.token_coordinates(networks.full_grid(R), p)            # [1, 64, 2]
     G = R // p
     u = coords[0, :, 0].reshape(G, G) * G / 2
     v = coords[0, :, 1].reshape(G, G) * G / 2
     expected = (torch.arange(G) - (G - 1) / 2) * R / (R - 1)
     torch.testing.assert_close(u[0], expected, rtol=0, atol=1e-6)            # x along a row
     torch.testing.assert_close(v[:, 0], expected, rtol=0, atol=1e-6)         # y down a column
-    emb = networks.sincos_position_embedding(coords, D, G / 2)[0]            # [64, D]
+    emb = networks_dit.sincos_position_embedding(coords, D, G / 2)[0]            # [64, D]
     w = 10000 ** (-np.arange(D // 4) / (D // 4))
     token = 8 * 3 + 5                                                        # row 3, column 5
     x_t, y_t = float(u[3, 5]), float(v[3, 5])
@@ -178,7 +178,7 @@ def test_all_zero_labels_select_the_null_class():
 def test_input_multiple_and_patch_sizes_follow_the_token_size():
     for token_size, sizes in ((2, [8, 16, 32]), (4, [8, 16, 32]), (8, [8, 16, 32])):
         net = make_dit(resolution=32, token_size=token_size, randomize=False)
-        assert input_multiple(net) == token_size
+        assert network_input_multiple(net) == token_size
         assert patching.PatchSchedule(32, 0.5, multiple=token_size).sizes == sizes
     assert patching.PatchSchedule(48, 0.5, multiple=8).sizes == [8, 24, 48]
     with pytest.raises(ValueError, match='at least 32, or --real_p=1'):
@@ -215,7 +215,7 @@ def test_latent_training_in_bf16_takes_every_patch_size():
     dataset = bench_common.RandomLatentDataset(8, channels=4, resolution=16)
     trainer = bench_common.make_trainer(bench_common.PRESETS['dit-s'], dataset, cbase=32, blocks=2, heads=2,
                                         token_size=2, batch=2, real_p=0.5, bf16=True)
-    assert trainer.net.img_channels == 4 and trainer.autocast['enabled'] and input_multiple(trainer.net) == 2
+    assert trainer.net.img_channels == 4 and trainer.autocast['enabled'] and network_input_multiple(trainer.net) == 2
     seen = {trainer.step() for _ in range(8)}
     assert seen == {8, 16}
     assert all(torch.isfinite(p).all() for p in trainer.net.parameters())

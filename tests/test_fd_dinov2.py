@@ -1,4 +1,4 @@
-"""FD-DINOv2 (training/dinov2.py, training/metrics.py, fid.py, train.py
+"""FD-DINOv2 (evaluation/dinov2.py, evaluation/metrics.py, fid.py, train.py
 --metrics=fd_dinov2): the preprocessing against PIL and a naive bicubic,
 the features of a tiny DINOv2, reference files of both detectors (written
 together, refused for the other metric), one pass over the images for both
@@ -27,8 +27,9 @@ import train
 from tests.test_bad_inputs import assert_one_error_line, files_under
 from tests.test_fid import GaussianDenoiser, random_images, scipy_fid, write_folder
 from tests.test_fid_training import PooledFeatures
-from training import dinov2, generation, metrics
-from training.archive import convert_dataset
+from dataset_prep.archive import convert_dataset
+from evaluation import dinov2, metrics
+from training import generation
 from training.dataset import ImageFolderDataset
 
 transformers = pytest.importorskip('transformers')

@@ -1,4 +1,4 @@
-"""training/metrics.py and fid.py: the Frechet distance against closed forms and
+"""evaluation/metrics.py and fid.py: the Frechet distance against closed forms and
 scipy, feature statistics, reference files, detector files (TorchScript and
 network pickle), the CLI end to end, one vs two processes, and bad inputs.
 
@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 import dnnlib
 import fid
-from training import metrics
+from evaluation import metrics
 from training.dataset import ImageFolderDataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning')
@@ -440,8 +440,8 @@ WORKER = """
 import json, sys
 import numpy as np
 import torch
+from evaluation import metrics
 from torch_utils import distributed as dist
-from training import metrics
 
 detector_path, images_path, out_dir = sys.argv[1:]
 dist.init('cpu')

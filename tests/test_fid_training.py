@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import fid
-from training.archive import convert_dataset
+from dataset_prep.archive import convert_dataset
 from training.training_loop import training_loop
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import dnnlib
 import generate
 import test_latents
-from training import denoiser, generation, image_io, latents, networks, samplers, snapshots
+from training import architectures, denoiser, generation, image_io, latents, samplers, snapshots
 
 FIXTURES = 'tests/fixtures'
 
@@ -196,7 +196,7 @@ def test_bad_inputs_give_one_line_errors(foreign_pickles, tmp_path, monkeypatch)
 ])
 def test_bad_regions_and_official_flags_give_one_line_errors(foreign_pickles, tmp_path, network, flags, match):
     if network == 'unet':   # halves its input once: sides must be even
-        snapshots.save_snapshot(str(tmp_path / 'unet.pkl'), networks.build_network(dict(
+        snapshots.save_snapshot(str(tmp_path / 'unet.pkl'), architectures.build_network(dict(
             precond='edm', model_type='SongUNet', model_channels=8, channel_mult=[1, 2], num_blocks=1,
             attn_resolutions=[], use_pos=True, dropout=0), 8, 3, 0), None, None, {})
     folder = tmp_path if network == 'unet' else foreign_pickles
@@ -217,7 +217,7 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path, subprocess_env, pyth
 def test_convert_writes_a_safetensors_snapshot_that_samples_the_same_images(tmp_path):
     """`generate.py convert`: a pickle of our network -> .safetensors, refused
     for an existing or wrongly named destination; both sample the same PNGs."""
-    net = networks.build_network(dict(precond='edm', model_type='SongUNet', model_channels=8, channel_mult=[1, 2],
+    net = architectures.build_network(dict(precond='edm', model_type='SongUNet', model_channels=8, channel_mult=[1, 2],
                                       num_blocks=1, attn_resolutions=[], use_pos=True, dropout=0), 8, 3, 0)
     pkl = tmp_path / 'net.pkl'
     snapshots.save_snapshot(str(pkl), net, None, None, {})

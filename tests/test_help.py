@@ -2,7 +2,7 @@
 the code. Each documented default is the value the command gets when the
 flag is left out and, where the library has its own default, that one too;
 no help line is cut off; every multi-word flag takes dashes and underscores;
-README.md names every flag; fid.py --device takes cuda:N; --dry-run shows
+the documentation (README.md, docs/) names every flag; fid.py --device takes cuda:N; --dry-run shows
 what the real command would do, resume included."""
 
 import inspect
@@ -21,8 +21,10 @@ import fid
 import generate
 import reconstruct_phema
 import train
-from training import config, demo_data, dinov2, generation, latents, loss, metrics, networks, phema, samplers
-from training.archive import convert_dataset, encode_dataset
+from dataset_prep import demo_data
+from dataset_prep.archive import convert_dataset, encode_dataset
+from evaluation import dinov2, metrics
+from training import architectures, config, generation, latents, loss, networks_unet, phema, samplers
 
 SCRIPTS = {'train.py': train.main, 'generate.py': generate.cli, 'fid.py': fid.main, 'dataset_tool.py': dataset_tool.cli,
            'reconstruct_phema.py': reconstruct_phema.main}
@@ -73,10 +75,10 @@ def param_default(fn, name):
 
 def arch_default(arch, key):
     """The network's value of `key` when --cbase/--cres/--blocks/--attn are left out."""
-    kwargs = networks.ARCHITECTURES[arch]
+    kwargs = architectures.ARCHITECTURES[arch]
     if key in kwargs:
         return kwargs[key]
-    model = {'SongUNet': networks.SongUNet, 'DhariwalUNet': networks.DhariwalUNet}[kwargs['model_type']]
+    model = {'SongUNet': networks_unet.SongUNet, 'DhariwalUNet': networks_unet.DhariwalUNet}[kwargs['model_type']]
     return param_default(model, key)
 
 
@@ -226,18 +228,17 @@ def test_every_multiword_flag_has_both_spellings(path):
                 assert f'--{other}' in long_names, f'{path}: {name} has no --{other}'
 
 
-def test_readme_names_every_flag(repo_root):
-    """Every flag of every command appears in README.md (one of its spellings)."""
-    readme = (repo_root / 'README.md').read_text()
+def test_docs_name_every_flag(docs_text):
+    """Every flag of every command appears in README.md or docs/*.md (one of its spellings)."""
     missing = []
     for path, command in commands():
         for param in options(command):
             names = [name for name in param.opts + param.secondary_opts if name.startswith('--')]
             if names == ['--help']:
                 continue
-            if not any(re.search(rf'(?<![\w-]){re.escape(name)}(?![\w-])', readme) for name in names):
+            if not any(re.search(rf'(?<![\w-]){re.escape(name)}(?![\w-])', docs_text) for name in names):
                 missing.append(f'{path} {names[0]}')
-    assert not missing, f'not in README.md: {missing}'
+    assert not missing, f'not in README.md or docs/: {missing}'
 
 
 def test_fid_device_takes_cuda_index(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of hf://OWNER/REPO/FILE addresses (training/hub.py, through
+"""Tests of hf://OWNER/REPO/FILE addresses (dnnlib/util.py, through
 dnnlib.util.open_url): generate.py --network and train.py --transfer read
 them from a Hugging Face cache folder laid out as the Hub's, offline; a
 local stand-in for the Hub serves downloads, a cut transfer and the Hub's
@@ -29,9 +29,9 @@ from huggingface_hub import constants, file_download
 import dnnlib
 import generate
 import train
+from dataset_prep.archive import convert_dataset
 from torch_utils import misc
-from training import hub, networks, snapshots
-from training.archive import convert_dataset
+from training import architectures, snapshots
 
 COMMIT = '0123456789abcdef0123456789abcdef01234567'   # the commit the cached files belong to
 REPO = 'owner/repo'
@@ -47,7 +47,7 @@ TRAIN_FLAGS = ['--arch=ddpmpp', '--cbase=8', '--cres=1,2', '--blocks=1', '--attn
 
 def tiny_snapshot(path, resolution, seed=0):
     """A network snapshot of TINY_NET with random (not freshly initialised) weights; returns the network."""
-    net = networks.build_network(TINY_NET, resolution, 3, 0)
+    net = architectures.build_network(TINY_NET, resolution, 3, 0)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
@@ -202,10 +202,10 @@ def one_error_line(result):
 # Addresses.
 
 def test_parse_splits_repository_file_and_revision():
-    assert hub.parse('hf://owner/repo/net.pkl') == ('owner/repo', 'net.pkl', None)
-    assert hub.parse('hf://owner/repo/sub/dir/net.pkl') == ('owner/repo', 'sub/dir/net.pkl', None)
-    assert hub.parse(f'hf://owner/repo@{COMMIT}/net.pkl') == ('owner/repo', 'net.pkl', COMMIT)
-    assert hub.parse('hf://owner/repo@v1.0/net.pkl') == ('owner/repo', 'net.pkl', 'v1.0')
+    assert dnnlib.util.parse_hf_url('hf://owner/repo/net.pkl') == ('owner/repo', 'net.pkl', None)
+    assert dnnlib.util.parse_hf_url('hf://owner/repo/sub/dir/net.pkl') == ('owner/repo', 'sub/dir/net.pkl', None)
+    assert dnnlib.util.parse_hf_url(f'hf://owner/repo@{COMMIT}/net.pkl') == ('owner/repo', 'net.pkl', COMMIT)
+    assert dnnlib.util.parse_hf_url('hf://owner/repo@v1.0/net.pkl') == ('owner/repo', 'net.pkl', 'v1.0')
     assert dnnlib.util.is_url('hf://owner/repo/net.pkl')
 
 

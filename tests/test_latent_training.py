@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import dataset_tool
 import generate
 import train
-from training.archive import convert_dataset
+from dataset_prep.archive import convert_dataset
 
 diffusers = pytest.importorskip('diffusers')
 

@@ -19,8 +19,9 @@ from click.testing import CliRunner
 
 import dataset_tool
 import generate
-from training import demo_data, denoiser, generation, image_io, latents, networks, samplers, snapshots
-from training.archive import convert_dataset
+from dataset_prep import demo_data
+from dataset_prep.archive import convert_dataset
+from training import denoiser, generation, image_io, latents, networks, samplers, snapshots
 from training.dataset import ImageFolderDataset, LatentDataset, is_latent_archive
 
 COUNT = 6          # images in the test dataset

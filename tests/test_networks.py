@@ -1,6 +1,7 @@
-"""Tests of training/networks.py: preconditioning identities (EDM paper,
-Table 1), coordinate channels, EDM-compatible parameter names and shapes,
-weight transfer by name, persistence, fp16 flag, input validation.
+"""Tests of training/networks.py, networks_unet.py and architectures.py:
+preconditioning identities (EDM paper, Table 1), coordinate channels,
+EDM-compatible parameter names and shapes, weight transfer by name,
+persistence, fp16 flag, input validation.
 
 All networks are tiny (CPU, seconds)."""
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import networks
+from training import architectures, networks, networks_unet
 
 R = 8            # image resolution of the tiny networks
 C = 3            # image channels
@@ -357,7 +358,7 @@ def test_fp16_flag_is_a_no_op_on_cpu():
 
 
 def test_registries_and_unknown_model_type():
-    assert set(networks.MODELS) == {'SongUNet', 'DhariwalUNet', 'DiT'}
+    assert set(architectures.MODELS) == {'SongUNet', 'DhariwalUNet', 'DiT'}
     assert networks.PRECONDITIONERS == {'vp': networks.VPPrecond, 've': networks.VEPrecond, 'edm': networks.EDMPrecond}
     with pytest.raises(ValueError, match="'SongUNet', 'DhariwalUNet'"):
         networks.EDMPrecond(img_resolution=R, img_channels=C, model_type='UNet')
@@ -390,7 +391,7 @@ def test_attention_equals_naive_softmax_attention(heads):
     """scaled_dot_product_attention in UNetBlock._attention: the same values and gradients as the naive
     softmax(q^T k / sqrt(C_h)) v on EDM's channel layout, for one and several heads."""
     torch.manual_seed(0)
-    block = networks.UNetBlock(16, 16, 8, attention=True, num_heads=heads, skip_scale=np.sqrt(0.5), eps=1e-6,
+    block = networks_unet.UNetBlock(16, 16, 8, attention=True, num_heads=heads, skip_scale=np.sqrt(0.5), eps=1e-6,
                                init_zero=dict(init_weight=1))
     x = torch.randn([2, 16, 4, 4], generator=torch.Generator().manual_seed(1), requires_grad=True)
     upstream = torch.randn([2, 16, 4, 4], generator=torch.Generator().manual_seed(2))
@@ -409,7 +410,7 @@ def test_attention_keeps_the_memory_format(heads):
     """A block's output has its input's memory format (contiguous, or channels-last with --channels-last),
     so the layers after an attention block, and their dropout masks, see the layout they saw before it."""
     torch.manual_seed(0)
-    block = networks.UNetBlock(16, 16, 8, attention=True, num_heads=heads)
+    block = networks_unet.UNetBlock(16, 16, 8, attention=True, num_heads=heads)
     x, emb = torch.randn([2, 16, 4, 4]), torch.randn([2, 8])
     assert block(x, emb).is_contiguous()
     block = block.to(memory_format=torch.channels_last)
@@ -426,7 +427,7 @@ def test_conv_bias_is_added_once_on_every_path():
         for kwargs in [dict(), dict(up=True), dict(down=True), dict(up=True, fused_resample=True),
                        dict(down=True, fused_resample=True)]:
             torch.manual_seed(0)
-            conv = networks.Conv2d(3, 5, kernel=3, resample_filter=resample_filter, init_bias=1, **kwargs)
+            conv = networks_unet.Conv2d(3, 5, kernel=3, resample_filter=resample_filter, init_bias=1, **kwargs)
             assert conv.bias.abs().min() > 0
             out = conv(x)
             with torch.no_grad():
@@ -449,7 +450,7 @@ def test_box_filter_resampling_equals_the_fir_filter(up):
     """With the [1, 1] filter (DDPM++, ADM) Conv2d resamples by average pooling / nearest-neighbour
     upsampling: the same values and gradients as EDM's FIR filter pass; [1, 3, 3, 1] keeps the FIR pass."""
     for resample_filter, box in (([1, 1], True), ([2, 2], True), ([1, 3, 3, 1], False), ([1, 2], False)):
-        layer = networks.Conv2d(3, 3, kernel=0, up=up, down=not up, resample_filter=resample_filter)
+        layer = networks_unet.Conv2d(3, 3, kernel=0, up=up, down=not up, resample_filter=resample_filter)
         assert layer.box_resample == box
         x = torch.randn([2, 3, 8, 8], generator=torch.Generator().manual_seed(0), requires_grad=True)
         out = layer(x)
@@ -467,10 +468,10 @@ def test_affine_outputs_equal_each_blocks_affine_layer(arch):
     """The UNet computes all blocks' affine(emb) in one product; each equals the block's own Linear,
     values and gradients (of the weights and of emb)."""
     unet = make_net('edm', arch).model
-    blocks = networks._unet_blocks(unet)
-    assert len(blocks) == sum(isinstance(m, networks.UNetBlock) for m in unet.modules())
+    blocks = networks_unet._unet_blocks(unet)
+    assert len(blocks) == sum(isinstance(m, networks_unet.UNetBlock) for m in unet.modules())
     emb = torch.randn([2, blocks[0].emb_channels], generator=torch.Generator().manual_seed(0), requires_grad=True)
-    together = networks._affine_outputs(blocks, emb)
+    together = networks_unet._affine_outputs(blocks, emb)
     separate = [block.affine(emb).reshape(2, -1, 1, 1) for block in blocks]
     assert [t.shape for t in together] == [s.shape for s in separate]
     for t, s in zip(together, separate):
@@ -486,10 +487,10 @@ def test_block_with_given_affine_output_equals_block_alone():
     """UNetBlock.forward(x, emb, params) with params = affine(emb) is the block's own forward(x, emb)."""
     torch.manual_seed(0)
     for adaptive_scale in (False, True):
-        block = networks.UNetBlock(8, 16, 12, attention=True, num_heads=2, adaptive_scale=adaptive_scale,
+        block = networks_unet.UNetBlock(8, 16, 12, attention=True, num_heads=2, adaptive_scale=adaptive_scale,
                                    init_zero=dict(init_weight=1))
         x, emb = torch.randn([2, 8, 4, 4]), torch.randn([2, 12])
-        params = networks._affine_outputs([block], emb)[0]
+        params = networks_unet._affine_outputs([block], emb)[0]
         torch.testing.assert_close(block(x, emb, params), block(x, emb), rtol=1e-6, atol=1e-6)
 
 
@@ -497,7 +498,7 @@ def test_group_norm_keeps_float32_parameters_under_autocast():
     """Under autocast GroupNorm passes its float32 weight and bias as they are (EDM cast them to the input's
     dtype, bfloat16, and CUDA autocast then casts them back to float32): the output is autocast's group_norm
     of the float32 parameters, not of the rounded ones. Without autocast they take the input's dtype."""
-    norm = networks.GroupNorm(num_channels=32)
+    norm = networks_unet.GroupNorm(num_channels=32)
     with torch.no_grad():
         norm.weight.copy_(1 + torch.randn(32, generator=torch.Generator().manual_seed(0)) / 3)
         norm.bias.copy_(torch.randn(32, generator=torch.Generator().manual_seed(1)) / 3)
@@ -541,9 +542,9 @@ def test_fused_upsampling_keeps_the_size_and_equals_the_separate_passes():
     x = torch.randn([2, 3, 8, 8], generator=torch.Generator().manual_seed(0))
     for resample_filter in ([1, 1], [1, 3, 3, 1]):
         torch.manual_seed(0)
-        fused = networks.Conv2d(3, 5, kernel=3, up=True, resample_filter=resample_filter, fused_resample=True)
+        fused = networks_unet.Conv2d(3, 5, kernel=3, up=True, resample_filter=resample_filter, fused_resample=True)
         torch.manual_seed(0)
-        separate = networks.Conv2d(3, 5, kernel=3, up=True, resample_filter=resample_filter)
+        separate = networks_unet.Conv2d(3, 5, kernel=3, up=True, resample_filter=resample_filter)
         out = fused(x)
         assert out.shape == (2, 5, 16, 16), (resample_filter, out.shape)
         torch.testing.assert_close(out[..., 2:-2, 2:-2], separate(x)[..., 2:-2, 2:-2], rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """pyproject.toml, environment.yml, the Dockerfile, the Makefile and the
-README's requirements table state the same supported ranges, extras and
-versions. Docker and conda do not run on this project's machines, so their
-files are checked as text; the Makefile through `make -n`."""
+requirements table of the documentation (docs/INSTALL.md) state the same
+supported ranges, extras and versions. Docker and conda do not run on this
+project's machines, so their files are checked as text; the Makefile through
+`make -n`."""
 
 import re
 import shutil
@@ -17,7 +18,7 @@ try:
 except ModuleNotFoundError:   # Python 3.10
     import tomli as tomllib
 
-TESTED_PYTHON = '3.11'   # the version of environment.yml and the Docker image (README, "Requirements")
+TESTED_PYTHON = '3.11'   # the version of environment.yml and the Docker image (docs/INSTALL.md, "Requirements")
 
 
 @pytest.fixture(scope='module')
@@ -131,11 +132,10 @@ def test_make_demo_installs_only_the_project_and_test_the_extras(repo_root, tmp_
         assert 'pip install' not in commands and '-m venv' not in commands, commands
 
 
-def test_readme_table_states_the_ranges(repo_root, project):
-    """The README's requirements table gives every package its pyproject range."""
-    readme = (repo_root / 'README.md').read_text()
+def test_docs_table_states_the_ranges(docs_text, project):
+    """The documentation's requirements table gives every package its pyproject range."""
     rows = {}
-    for line in readme.splitlines():
+    for line in docs_text.splitlines():
         cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
         if line.startswith('| ') and len(cells) == 4 and re.fullmatch(r'[<>=!~][\d.,<>=!~]*', cells[1]):
             rows[cells[0].split(' (')[0].lower()] = SpecifierSet(cells[1])

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 import generate
 import reconstruct_phema
 import train
+from dataset_prep.archive import convert_dataset
 from training import config, phema, runs, snapshots
 from training import training_loop as tl
-from training.archive import convert_dataset
 
 TINY_NET = dict(precond='edm', model_type='SongUNet', embedding_type='positional', encoder_type='standard',
                 decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=8,

@@ -1,10 +1,12 @@
 """Tests of the paper presets (training/presets.py, train.py --preset): every
 preset resolves; --dry-run shows its values; typed flags win over it; an
 unknown name fails as the command is parsed; the official README's training
-commands resolve to the same options as their presets; README.md's table
-lists each preset's flags; a rerun of a --preset command resumes its run."""
+commands resolve to the same options as their presets; the documentation's
+table (docs/PRESETS_AND_HUB.md) lists each preset's flags; a rerun of a
+--preset command resumes its run."""
 
 import json
+import pathlib
 import shlex
 import types
 
@@ -13,8 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 import train
+from dataset_prep.archive import convert_dataset
 from training import config, presets
-from training.archive import convert_dataset
+
+from conftest import documentation_files
 
 # The official README's training commands (github.com/Zhendong-Wang/Patch-Diffusion), as typed there
 # apart from --outdir and --data, with the preset each one is.
@@ -217,21 +221,22 @@ def test_rerun_with_the_preset_resumes(shapes_64, tmp_path, no_torchrun_env):
 
 
 # ----------------------------------------------------------------------------
-# README.md's table.
+# The documentation's table.
 
-def readme_rows(repo_root):
-    """{preset name: the cells of its row} of the table in README.md's "Paper presets"."""
-    text = (repo_root / 'README.md').read_text()
-    section = text[text.index('## Paper presets'):]
-    section = section[:section.index('\n## ', 1)]
+def docs_rows():
+    """{preset name: the cells of its row} of the table in the documentation's
+    "Paper presets" section (in README.md or one of docs/*.md)."""
+    (text,) = [text for text in map(pathlib.Path.read_text, documentation_files()) if '\n## Paper presets\n' in text]
+    section = text[text.index('\n## Paper presets\n') + 1:]
+    section = section[:section.index('\n## ') if '\n## ' in section else None]
     rows = [line.strip().strip('|').split('|') for line in section.splitlines() if line.startswith('| `')]
     return {cells[0].strip().strip('`'): [cell.strip() for cell in cells] for cells in rows}
 
 
-def test_readme_table_lists_each_preset(repo_root):
+def test_docs_table_lists_each_preset():
     """One row per preset, in the registry's order, whose flags are exactly the
     preset's values and whose FID cell has the preset's FID or says "not verified"."""
-    rows = readme_rows(repo_root)
+    rows = docs_rows()
     assert list(rows) == list(presets.PRESETS)
     for name, preset in presets.PRESETS.items():
         _name, _data, flags, fid, source = rows[name]

@@ -27,19 +27,19 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
-from proctools import kill_family, run_all
+from proctools import kill_family, run_all, start, wait_for_ticks
 import torch
 from click.testing import CliRunner
 
 import dnnlib
 import generate
 import train
+from dataset_prep.archive import convert_dataset
 from torch_utils import misc, persistence
-from training import networks, patching, runs, snapshots
+from training import architectures, patching, runs, snapshots
 from training import loss as loss_lib
-from training import training_loop as tl
-from training.archive import convert_dataset
 
 TRAIN_PY = os.path.abspath(train.__file__)
 # About 20 steps of one tick each (8 * m(P) images per step, 15.2 on average; ticks of 10 images); a state and
@@ -60,7 +60,7 @@ def shapes_zip(tmp_path_factory):
 def module_env(repo_root):
     """The environment of conftest's subprocess_env, for module-scoped fixtures."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'PD_TEST_EXIT_AT')}
+           if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
     env.update(PYTHONPATH=str(repo_root), OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     return env
 
@@ -298,7 +298,7 @@ SHORT_FLAGS = [f for f in RUN_FLAGS if not f.startswith('--duration')] + ['--dur
 
 @pytest.fixture
 def in_process(monkeypatch):
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'PD_DEBUG', 'PD_TEST_EXIT_AT'):
+    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'PD_DEBUG'):
         monkeypatch.delenv(name, raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -434,7 +434,7 @@ def test_transfer_from_safetensors_copies_every_tensor(reference_run):
     run_dir, weights = reference_run
     net, _ = snapshots.load_network(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
     with open(os.path.join(run_dir, 'training_options.json')) as f:
-        fresh = networks.build_network(json.load(f)['network_kwargs'], 32, 3, 0)
+        fresh = architectures.build_network(json.load(f)['network_kwargs'], 32, 3, 0)
     assert not torch.equal(next(fresh.parameters()), next(net.parameters()))
     copied, missing = snapshots.transfer_weights(os.path.join(run_dir, 'network-snapshot-000000.safetensors'), fresh)
     assert missing == [] and len(copied) == len(misc.named_params_and_buffers(net))
@@ -457,39 +457,52 @@ def test_pickle_trust_note_once_per_process(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_dead_rank_makes_the_other_exit_quickly(shapes_zip, tmp_path, module_env, free_port):
-    """Two processes without torchrun's agent; rank 1 exits abruptly before
-    step 5: rank 0 stops with one error line instead of waiting for it."""
+    """Two processes without torchrun's agent; rank 1 is SIGKILLed from outside
+    mid-run: rank 0 stops with one error line instead of waiting for it."""
     args = [sys.executable, TRAIN_PY] + train_args(tmp_path / 'runs', shapes_zip)
-    procs = [subprocess.Popen(args, env=dict(module_env, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port), WORLD_SIZE='2',
-                                             RANK=str(rank), LOCAL_RANK=str(rank), PD_TEST_EXIT_AT='1:5'),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    procs = [start(args, dict(module_env, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port), WORLD_SIZE='2',
+                              RANK=str(rank), LOCAL_RANK=str(rank))) for rank in (0, 1)]
+    (rank0, lines), (rank1, _) = procs
     try:
-        assert procs[1].wait(timeout=120) == 1
+        wait_for_ticks(rank0, lines, 3)
+        rank1.kill()
         died = time.time()
-        _, stderr = procs[0].communicate(timeout=60)
+        rank0.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        for proc in procs:
-            kill_family(proc)
         pytest.fail('rank 0 kept waiting for the dead rank 1')
+    finally:
+        for proc, _ in procs:
+            kill_family(proc)
     assert time.time() - died < 60
-    assert procs[0].returncode == 1
-    errors = [line for line in stderr.splitlines() if line.startswith('Error:')]
-    assert len(errors) == 1 and 'another process of the run failed or was killed' in errors[0], stderr
-    assert 'Traceback' not in stderr
+    assert rank0.returncode == 1
+    time.sleep(0.3)   # the reader thread takes the last lines
+    output = ''.join(lines)
+    errors = [line for line in output.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and 'another process of the run failed or was killed' in errors[0], output[-3000:]
+    assert 'Traceback' not in output
 
 
 @pytest.mark.slow
 def test_torchrun_restart_after_a_dead_rank_is_bit_exact(shapes_zip, tmp_path, module_env):
-    """torchrun --max-restarts=1; rank 1 dies before step 5 on the first
-    attempt only: the restart resumes (same command, same --outdir) and ends
-    with the weights of an uninterrupted 2-process run."""
+    """torchrun --max-restarts=1; rank 1 is SIGKILLed from outside mid-run: the
+    restart resumes (same command, same --outdir) and ends with the weights
+    of an uninterrupted 2-process run."""
     final = {}
-    env = module_env   # torch_utils.distributed prefixes the store per restart attempt (pytorch/pytorch#167288)
-    for name, extra_env in (('plain', {}), ('killed', dict(PD_TEST_EXIT_AT='1:5'))):
+    for name in ('plain', 'killed'):
         command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                    '--max-restarts=1', TRAIN_PY] + train_args(tmp_path / name, shapes_zip)
-        returncode, output = run(command, dict(env, **extra_env), timeout=240)
-        assert returncode == 0, output[-5000:]
+        process, lines = start(command, module_env)
+        try:
+            if name == 'killed':
+                wait_for_ticks(process, lines, 3)
+                [rank1] = [p for p in psutil.Process(process.pid).children() if p.environ().get('RANK') == '1']
+                rank1.kill()
+            process.wait(timeout=240)
+        finally:
+            kill_family(process)
+        time.sleep(0.3)
+        output = ''.join(lines)
+        assert process.returncode == 0, output[-5000:]
         run_dir = run_dir_of(tmp_path / name)
         final[name] = runs.load_state(os.path.join(run_dir, 'training-state-000000.pt'))
         if name == 'killed':

@@ -655,13 +655,13 @@ def test_our_unet_samples_regions_and_canvases():
 
 def test_input_multiple_reads_the_unet():
     """2^(halvings): ours record num_levels; EDM's and the official UNets have <res>x<res>_down encoder blocks."""
-    assert denoiser.input_multiple(_our_unet(channel_mult=(1, 1, 1))) == 4
+    assert denoiser.network_input_multiple(_our_unet(channel_mult=(1, 1, 1))) == 4
     edm_style = torch.nn.Module()
     edm_style.model = torch.nn.Module()
     edm_style.model.enc = torch.nn.ModuleDict({name: torch.nn.Identity() for name in (
         '64x64_conv', '64x64_block0', '32x32_down', '32x32_aux_down', '32x32_aux_skip', '16x16_down', '8x8_down')})
-    assert denoiser.input_multiple(edm_style) == 8
-    assert denoiser.input_multiple(EDMSpy(img_channels=3)) == 1
+    assert denoiser.network_input_multiple(edm_style) == 8
+    assert denoiser.network_input_multiple(EDMSpy(img_channels=3)) == 1
 
 
 @pytest.mark.parametrize('kind, kwargs, match', [

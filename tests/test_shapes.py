@@ -19,7 +19,7 @@ import dataset_tool
 import fid
 import generate
 import train
-from training import networks, patching, runs, snapshots
+from training import architectures, networks, patching, runs, snapshots
 from training.augment import EDM_AUGMENT_KWARGS, AugmentPipe
 from training.dataset import ImageFolderDataset
 
@@ -130,9 +130,9 @@ def test_augmentation_keeps_rectangles():
 
 def test_a_rectangular_network_shares_the_square_networks_weight_names(tmp_path):
     torch.manual_seed(0)
-    square = networks.build_network(TINY_NET, 32, 3, 0)
+    square = architectures.build_network(TINY_NET, 32, 3, 0)
     torch.manual_seed(1)
-    wide = networks.build_network(TINY_NET, (32, 48), 3, 0)
+    wide = architectures.build_network(TINY_NET, (32, 48), 3, 0)
     assert (wide.img_resolution, wide.img_shape, square.img_shape) == (32, (32, 48), (32, 32))
     assert {k: v.shape for k, v in square.state_dict().items()} == {k: v.shape for k, v in wide.state_dict().items()}
     path = str(tmp_path / 'square.pkl')
@@ -149,7 +149,7 @@ def test_a_rectangular_network_shares_the_square_networks_weight_names(tmp_path)
 
 @pytest.mark.parametrize('fmt', ['pkl', 'safetensors'])
 def test_rectangular_snapshots_load_with_their_shape(tmp_path, fmt):
-    net = networks.build_network(TINY_NET, (16, 40), 1, 0)
+    net = architectures.build_network(TINY_NET, (16, 40), 1, 0)
     path = str(tmp_path / 'net.pkl')
     snapshots.save_snapshot(path, net, None, None, dict(resolution=[16, 40]), snapshot_format=fmt)
     loaded, _ = snapshots.load_network(path if fmt == 'pkl' else path[:-4] + '.safetensors')
@@ -303,7 +303,7 @@ def test_dataset_tool_crops_to_the_aspect_and_refuses_a_mismatch(tmp_path):
 
 
 def test_center_crop_cuts_the_largest_centred_region_of_the_aspect():
-    from training.archive import center_crop
+    from dataset_prep.archive import center_crop
     image = np.zeros((60, 100, 3), dtype=np.uint8)
     image[:, 10:90] = 255                       # the centred 80 columns are white
     out = center_crop(image, 48, 36)            # aspect 4:3 of a 100x60 source: 80x60, columns 10..89

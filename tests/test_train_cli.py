@@ -20,10 +20,10 @@ from click.testing import CliRunner
 
 import train
 from tests.conftest import makefile_demo_flags
+from dataset_prep.archive import convert_dataset
 from torch_utils import misc
 from training import config, runs, snapshots
 from training import training_loop as tl
-from training.archive import convert_dataset
 
 TRAIN_PY = os.path.abspath(train.__file__)
 TINY_FLAGS = ['--arch=ddpmpp', '--cbase=8', '--cres=1,2', '--blocks=1', '--attn=none', '--workers=0',

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from dataset_prep.archive import convert_dataset
 from torch_utils import misc, training_stats
-from training import patching, runs, snapshots
 from training import loss as loss_lib
+from training import patching, runs, snapshots
 from training import training_loop as tl
-from training.archive import convert_dataset
 
 RESOLUTION = 32
 TINY_NET = dict(precond='edm', model_type='SongUNet', embedding_type='positional', encoder_type='standard',

@@ -24,6 +24,7 @@ _HEARTBEAT_KEY = 'pd-heartbeat/'
 _ALIVE_KEY = 'pd-alive/'
 ALIVE_INTERVAL_S = 2
 _beats = dict(count=0, step=0)   # this rank's waits in the step groups so far, and its last step
+_store_lost = threading.Event()   # set once the job's key-value store stopped answering
 
 
 def _env_int(name, default):
@@ -88,9 +89,16 @@ def _signs_of_life(store, rank):
     while True:
         try:
             store.set(f'{_ALIVE_KEY}{rank}', repr(time.time()))
-        except RuntimeError:   # the store's host is gone: the job is ending
+        except RuntimeError:   # the store's host (torchrun's agent) is gone
+            _store_lost.set()
             return
         time.sleep(ALIVE_INTERVAL_S)
+
+
+def store_lost():
+    """Whether the job's key-value store stopped answering (its host, torchrun's
+    agent, is gone): the ranks then run without a supervisor."""
+    return _store_lost.is_set()
 
 
 def step_group():
@@ -178,9 +186,12 @@ def _beat():
     """Record in the job's store, before a wait in a step group, how many such
     waits this rank has entered and its last step (no-op in a single process)."""
     _beats['count'] += 1
-    store = _store() if get_world_size() > 1 else None
+    store = _store() if get_world_size() > 1 and not _store_lost.is_set() else None
     if store is not None:
-        store.set(f'{_HEARTBEAT_KEY}{get_rank()}', f'{_beats["count"]}:{_beats["step"]}')
+        try:
+            store.set(f'{_HEARTBEAT_KEY}{get_rank()}', f'{_beats["count"]}:{_beats["step"]}')
+        except RuntimeError:   # the store's host is gone; the collectives between ranks may still work
+            _store_lost.set()
 
 
 def read_heartbeats():

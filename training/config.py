@@ -8,28 +8,12 @@ the options mean for the data (docs/DESIGN.md section 3).
 """
 
 import dnnlib
-from training import augment, metrics, networks, patching, phema
+from evaluation import metrics
+from training import architectures, augment, flags, networks_dit, patching, phema
 from training.dataset import dataset_class_name
 
-# train.py's flags and their defaults (EDM's, plus the Patch Diffusion ones).
-DEFAULTS = dnnlib.EasyDict(
-    data=None, cond=False, arch='ddpmpp', precond='edm', use_pos=True,
-    real_p=0.5, train_on_latents=False, vae=None, scale_factor=None, progressive=False, implicit_mlp=False,
-    pos_freqs=0, heads=None, token_size=None,
-    duration=200, batch=512, batch_gpu=None, cbase=None, cres=None, blocks=None, attn=None, lr=10e-4,
-    P_mean=None, P_std=None, lr_rampup=10000, ema=0.5, ema_std=None, dropout=0.13, augment=0.12, xflip=False,
-    label_dropout=0, max_size=None,
-    fp16=False, bf16=False, channels_last=False, compile=False, ls=1, bench=True, cache=True, workers=1,
-    device='cpu', max_bad_steps=20, max_minutes=None, hang_timeout=120, snapshot_on_stop=False,
-    accept_changed_data=False,
-    tick=50, snap=50, dump=500, snapshot_format='pkl', samples=16, metrics=None, metric_ref=None,
-    metric_num=50000, metric_dinov2=None, seed=0, transfer=None,
-)
-
-# --precond: the preconditioning and loss of each name. 'pedm' is the official code's name of EDM's
-# preconditioning with coordinate channels (its default); here every preconditioning takes the
-# coordinate channels unless --use_pos=0, so 'pedm' and 'edm' are the same.
-PRECONDS = {'edm': 'edm', 'pedm': 'edm', 'vp': 'vp', 've': 've'}
+# train.py's flags and their defaults (EDM's, plus the Patch Diffusion ones): training.flags.FLAGS.
+DEFAULTS = flags.defaults()
 
 # Keys of the resolved options that the Trainer takes (the rest are the training loop's).
 TRAINER_KEYS = ('dataset_kwargs', 'data_loader_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs',
@@ -66,7 +50,7 @@ def build_config(options, dataset):
                                            prefetch_factor=2 if opts.workers > 0 else None,
                                            persistent_workers=opts.workers > 0)
     c.network_kwargs = network_kwargs(opts)
-    c.loss_kwargs = dnnlib.EasyDict(loss=PRECONDS[opts.precond])
+    c.loss_kwargs = dnnlib.EasyDict(loss=flags.PRECONDS[opts.precond])
     c.loss_kwargs.update({k: opts[k] for k in ('P_mean', 'P_std') if opts[k] is not None})
     c.optimizer_kwargs = dnnlib.EasyDict(lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
     c.augment_kwargs = None
@@ -85,14 +69,9 @@ def build_config(options, dataset):
     c.performance_kwargs = dnnlib.EasyDict(precision='bf16' if opts.bf16 else 'fp32',
                                            channels_last=opts.channels_last,
                                            compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None)
-    c.update(seed=opts.seed, batch_size=opts.batch, batch_gpu=opts.batch_gpu,
-             total_kimg=max(opts.duration * 1000, 1e-3), ema_halflife_kimg=opts.ema * 1000,
-             ema_rampup_ratio=None if opts.transfer else 0.05, lr_rampup_kimg=opts.lr_rampup,
-             loss_scaling=opts.ls, cudnn_benchmark=opts.bench, kimg_per_tick=opts.tick,
-             snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, max_bad_steps=opts.max_bad_steps,
-             max_minutes=opts.max_minutes, hang_timeout=opts.hang_timeout, snapshot_on_stop=opts.snapshot_on_stop,
-             accept_changed_data=opts.accept_changed_data,
-             sample_count=opts.samples, device=str(opts.device), snapshot_format=opts.snapshot_format)
+    c.update(total_kimg=max(opts.duration * 1000, 1e-3), ema_halflife_kimg=opts.ema * 1000,
+             ema_rampup_ratio=None if opts.transfer else 0.05, device=str(opts.device))
+    c.update({flag.keys[0]: opts[flag.name] for flag in flags.FLAGS if flag.copied})   # --batch, --tick, ...
     if opts.ema_std:   # only then: the options of runs without power EMAs stay as they were
         c.ema_stds = phema.check_stds(opts.ema_std)
     if opts.metrics:
@@ -107,7 +86,7 @@ def build_config(options, dataset):
 
 def network_kwargs(opts):
     """The network's resolved options: the --arch's defaults, then --cbase, --cres, ... ."""
-    kwargs = dnnlib.EasyDict(precond=PRECONDS[opts.precond], **networks.ARCHITECTURES[opts.arch])
+    kwargs = dnnlib.EasyDict(precond=flags.PRECONDS[opts.precond], **architectures.ARCHITECTURES[opts.arch])
     for flag, key in (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('blocks', 'num_blocks'),
                       ('attn', 'attn_resolutions'), ('heads', 'num_heads'), ('token_size', 'token_size')):
         if opts[flag] is not None:
@@ -123,12 +102,12 @@ def network_kwargs(opts):
 
 def is_dit(arch):
     """Whether train.py's --arch names a DiT (dit-s, dit-b, dit-l, dit-xl) rather than a UNet."""
-    return networks.ARCHITECTURES[arch]['model_type'] == 'DiT'
+    return architectures.ARCHITECTURES[arch]['model_type'] == 'DiT'
 
 
 def input_multiple(network_kwargs):
     """What the sides of the network's input must be multiples of, from its
-    resolved options (training.denoiser.input_multiple reads it from the built
+    resolved options (training.denoiser.network_input_multiple reads it from the built
     network): a DiT's token side, 2^(levels - 1) for a UNet."""
     if network_kwargs.model_type == 'DiT':
         return network_kwargs.token_size
@@ -161,9 +140,9 @@ def _check_flags(opts, dataset):
     _check_metric_flags(opts)
     if opts.label_dropout and not opts.cond:
         raise ValueError('--label-dropout needs a conditional model (--cond=1)')
-    if opts.precond not in PRECONDS:
-        raise ValueError(f'--precond={opts.precond} is unknown; choose one of {", ".join(PRECONDS)}')
-    if (opts.P_mean is not None or opts.P_std is not None) and PRECONDS[opts.precond] != 'edm':
+    if opts.precond not in flags.PRECONDS:
+        raise ValueError(f'--precond={opts.precond} is unknown; choose one of {", ".join(flags.PRECONDS)}')
+    if (opts.P_mean is not None or opts.P_std is not None) and flags.PRECONDS[opts.precond] != 'edm':
         raise ValueError('--P_mean and --P_std set the noise levels of --precond=edm only')
     if opts.augment and (opts.train_on_latents or dataset.is_latent):
         raise ValueError('--augment works on pixels; use --augment=0 with latents')
@@ -200,8 +179,8 @@ def _check_metric_flags(opts):
 
 def _check_architecture_flags(opts):
     """ValueError for shape flags of the other kind of network (UNet or DiT) and DiTs that cannot work."""
-    if opts.arch not in networks.ARCHITECTURES:
-        raise ValueError(f'--arch={opts.arch} is unknown; choose one of {", ".join(networks.ARCHITECTURES)}')
+    if opts.arch not in architectures.ARCHITECTURES:
+        raise ValueError(f'--arch={opts.arch} is unknown; choose one of {", ".join(architectures.ARCHITECTURES)}')
     dit = is_dit(opts.arch)
     foreign = (('--cres', opts.cres), ('--attn', opts.attn)) if dit else \
         (('--heads', opts.heads), ('--token-size', opts.token_size))
@@ -221,7 +200,7 @@ def _check_architecture_flags(opts):
         raise ValueError(f'--arch={opts.arch} with --use_pos=0 cannot tell where a crop lies (its tokens get the '
                          f'positions of a full image); use --use_pos=1 for patches, or --real_p=1 (full images only)')
     kwargs = network_kwargs(opts)
-    problem = networks.dit_size_problem(kwargs.model_channels, kwargs.num_heads, kwargs.token_size)
+    problem = networks_dit.dit_size_problem(kwargs.model_channels, kwargs.num_heads, kwargs.token_size)
     if problem:
         raise ValueError(f'--arch={opts.arch} with --cbase={kwargs.model_channels} --heads={kwargs.num_heads}: '
                          f'{problem}; choose --heads to divide --cbase, and --cbase a multiple of 4')

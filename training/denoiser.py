@@ -103,7 +103,7 @@ def check_official_flags(net, mask_pos=False, embed_fq=None):
 # The region a sample covers (docs/DESIGN.md section 2, "Sampling a region").
 
 
-def input_multiple(net):
+def network_input_multiple(net):
     """What the sides of `net`'s input must be multiples of: the token side of
     a DiT (`token_size`); 2^(halvings of its UNet), read from the UNet
     (`num_levels`, or EDM's `<res>x<res>_down` encoder blocks); 1 for networks
@@ -160,7 +160,7 @@ def sampling_region(net, resolution=None, image_size=None, x_start=0, y_start=0)
                              '(or --image_size)')
         frame = resolution if resolution is not None else recorded
     size = image_size if image_size is not None else frame
-    multiple = input_multiple(net)
+    multiple = network_input_multiple(net)
     for side, what in ((size[0], 'height'), (size[1], 'width')):
         if side % multiple:
             lower = side // multiple * multiple

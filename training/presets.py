@@ -1,7 +1,7 @@
 """Paper presets: `train.py --preset=NAME` fills in the settings of one of the
 Patch Diffusion paper's experiments (Wang et al., NeurIPS 2023,
 arXiv:2304.12526). A preset is a set of train.py flag values; a flag the
-user types keeps the typed value. README.md ("Paper presets") has the table,
+user types keeps the typed value. docs/PRESETS_AND_HUB.md ("Paper presets") has the table,
 with the FID the paper reports for each preset and where the number is from.
 
     values = apply_preset('celeba-64', values, typed={'outdir', 'data'})

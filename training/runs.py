@@ -4,7 +4,8 @@
 A run folder `<outdir>/NNNNN-<desc>/` holds training_options.json (the
 resolved options), log.txt, stats.jsonl, snapshots and training states
 `training-state-NNNNNN.pt`. Running the same command again finds the latest
-run folder whose options match and continues from its newest readable state.
+run folder whose options match and continues from its newest readable state
+(choose_run); options may differ where their flag is run-only (training.flags).
 """
 
 import contextlib
@@ -17,45 +18,11 @@ import zipfile
 import torch
 
 import dnnlib
+from training import flags
 
 STATE_RE = re.compile(r'^training-state-(\d+)\.pt$')
 STATE_FORMAT = 'patch-diffusion-state-v1'
 OPTIONS_FILE = 'training_options.json'
-
-# Options that do not change what is learned: a run continues with new values of these
-# (raising --duration extends a run). Keys of the resolved options, nested keys with dots.
-RUN_ONLY_KEYS = ('run_dir', 'resume_state', 'transfer_pkl', 'total_kimg', 'kimg_per_tick', 'snapshot_ticks',
-                 'state_dump_ticks', 'data_loader_kwargs', 'dataset_kwargs.cache', 'sample_count', 'metrics',
-                 'metric_kwargs', 'snapshot_format', 'max_bad_steps', 'device', 'cudnn_benchmark', 'max_minutes',
-                 'hang_timeout', 'snapshot_on_stop', 'accept_changed_data')
-
-# Keys whose flag has other units than the option: kimg in the options, Mimg on the command line.
-FLAG_SCALES = {'total_kimg': 1e-3, 'ema_halflife_kimg': 1e-3}
-
-# The flag behind each key of the resolved options, for messages (others are named by their key).
-FLAG_NAMES = {
-    'dataset_kwargs.path': '--data', 'dataset_kwargs.use_labels': '--cond', 'dataset_kwargs.xflip': '--xflip',
-    'dataset_kwargs.max_size': '--max-size', 'dataset_kwargs.cache': '--cache',
-    'data_loader_kwargs.num_workers': '--workers', 'network_kwargs.precond': '--precond',
-    'network_kwargs.model_channels': '--cbase', 'network_kwargs.channel_mult': '--cres',
-    'network_kwargs.num_blocks': '--blocks', 'network_kwargs.attn_resolutions': '--attn',
-    'network_kwargs.num_heads': '--heads', 'network_kwargs.token_size': '--token-size',
-    'network_kwargs.dropout': '--dropout', 'network_kwargs.use_fp16': '--fp16', 'network_kwargs.use_pos': '--use_pos',
-    'network_kwargs.pos_freqs': '--pos-freqs', 'network_kwargs.implicit_mlp': '--implicit_mlp',
-    'network_kwargs.label_dropout': '--label-dropout', 'loss_kwargs.P_mean': '--P_mean', 'loss_kwargs.P_std': '--P_std',
-    'optimizer_kwargs.lr': '--lr', 'augment_kwargs.p': '--augment', 'patch_kwargs.real_p': '--real_p',
-    'patch_kwargs.progressive': '--progressive', 'latent_kwargs.vae': '--vae',
-    'latent_kwargs.scale_factor': '--scale_factor', 'performance_kwargs.precision': '--bf16',
-    'performance_kwargs.channels_last': '--channels-last', 'performance_kwargs.compile_kwargs': '--compile',
-    'seed': '--seed', 'batch_size': '--batch', 'batch_gpu': '--batch-gpu', 'total_kimg': '--duration',
-    'ema_halflife_kimg': '--ema', 'ema_stds': '--ema-std', 'lr_rampup_kimg': '--lr-rampup', 'loss_scaling': '--ls',
-    'kimg_per_tick': '--tick', 'snapshot_ticks': '--snap', 'state_dump_ticks': '--dump', 'sample_count': '--samples',
-    'metrics': '--metrics', 'metric_kwargs': '--metric-ref/--metric-num', 'snapshot_format': '--snapshot-format',
-    'max_bad_steps': '--max-bad-steps', 'device': '--device', 'cudnn_benchmark': '--bench',
-    'transfer_pkl': '--transfer', 'max_minutes': '--max-minutes', 'hang_timeout': '--hang-timeout',
-    'snapshot_on_stop': '--snapshot-on-stop', 'accept_changed_data': '--accept-changed-data',
-}
-
 
 # ----------------------------------------------------------------------------
 # Training states.
@@ -137,21 +104,24 @@ def _flatten(options, prefix=''):
 
 
 def _is_run_only(key, options):
-    """Whether a dotted key of the resolved options leaves what is learned alone. The duration
-    does not, for the progressive schedule: its phases are shares of the whole run."""
+    """Whether a dotted key of the resolved options leaves what is learned alone (its flag's
+    run_only in training.flags). The duration does not, for the progressive schedule: its
+    phases are shares of the whole run."""
     if key == 'total_kimg' and options.get('patch_kwargs.progressive'):
         return False
-    return any(key == k or key.startswith(k + '.') for k in RUN_ONLY_KEYS)
+    flag = flags.flag_of_key(key)
+    return flag is not None and flag.run_only
 
 
 def describe_differences(differences):
     """'--lr 0.0002 != 0.0001, ...' of [(key, old, new)]: the flag, then the new and the old value."""
-    def show(key, value):
-        if isinstance(value, (int, float)) and key in FLAG_SCALES:
-            value = value * FLAG_SCALES[key]   # kimg in the options, Mimg on the command line
+    def show(flag, value):
+        if flag is not None and flag.scale != 1 and isinstance(value, (int, float)):
+            value = value * flag.scale   # e.g. kimg in the options, Mimg on the command line
         return 'unset' if value is None else json.dumps(value)
-    return ', '.join(f'{FLAG_NAMES.get(key, key)} {show(key, new)} != {show(key, old)}'
-                     for key, old, new in differences)
+    named = [(flags.flag_of_key(key), key, old, new) for key, old, new in differences]
+    return ', '.join(f'{flag.spellings[0] if flag else key} {show(flag, new)} != {show(flag, old)}'
+                     for flag, key, old, new in named)
 
 
 def compare_options(old, new, seed_given=True):
@@ -197,6 +167,48 @@ def find_resumable_run(outdir, c, seed_given, nosubdir):
         if note is None:
             note = f'not resuming {os.path.basename(run_dir)}: {describe_differences(learned)}'
     return None, note
+
+
+def choose_run(outdir, c, desc, resume=None, nosubdir=False, seed_given=True):
+    """Which run this command continues, and from which state: the one place
+    that decides it (train.py calls it on rank 0 and hands the answer to every
+    rank). A dry run calls it too, to show what the command would do.
+
+    outdir, resume, nosubdir: train.py's --outdir, --resume, --nosubdir; c:
+    the resolved options of this command; desc: the <desc> of a new run
+    folder NNNNN-<desc>; seed_given: whether the command gives --seed.
+    Returns EasyDict(run_dir, resume_state (None: from the beginning), seed
+    (a continued run keeps its own), continues (True: the same command again
+    continues a run folder of outdir), changed (its run-only options that
+    differ: [(key, old, new)]), note (why the latest run folder is not
+    continued, or None)). ValueError if --resume names no file.
+    """
+    found, note = None, None
+    if resume:
+        if not os.path.isfile(resume):
+            raise ValueError(f'--resume: no such file {resume}')
+    else:
+        found, note = find_resumable_run(outdir, c, seed_given, nosubdir)
+    if found is not None:
+        return dnnlib.EasyDict(run_dir=found.run_dir, resume_state=found.state, seed=found.seed, continues=True,
+                               changed=found.changed, note=None)
+    return dnnlib.EasyDict(run_dir=outdir if nosubdir else next_run_dir(outdir, desc), resume_state=resume or None,
+                           seed=c['seed'], continues=False, changed=[], note=note)
+
+
+def describe_run(run):
+    """The lines that say what choose_run chose: why the latest run is not
+    continued, or that the run resumes or restarts and with which changes."""
+    lines = []
+    if run.note is not None:
+        lines.append(f'Note: {run.note}; starting a new run.')
+    if run.continues and run.resume_state is not None:
+        lines.append(f'Resuming run {run.run_dir} from {run.resume_state} (same command, same --outdir).')
+    elif run.continues:
+        lines.append(f'Restarting run {run.run_dir} from the beginning: it has no training state yet.')
+    if run.changed:
+        lines.append(f'Continuing with changed options: {describe_differences(run.changed)}.')
+    return lines
 
 
 def next_run_dir(outdir, desc):

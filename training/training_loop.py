@@ -18,33 +18,33 @@ The progress counter adds the images each step used, batch * m(P). All randomnes
 step comes from generators seeded by (seed, rank, step), so a resumed run
 continues exactly as if it had never stopped.
 
-`training_loop` runs steps in ticks; at the end of each tick it reports
-(`_TickReporter`: console, stats.jsonl, TensorBoard) and saves
-(`_save_outputs`: snapshots, sample grids, metrics, training states).
+`training_loop` runs steps in ticks; at the end of each tick training.outputs
+reports (console, stats.jsonl, TensorBoard) and saves what is due
+(snapshots, sample grids, metrics, training states). At every step boundary
+all ranks ask training.stopping whether to stop (a signal, --max-minutes, a
+lost torchrun agent); if so they write a training state and raise
+`stopping.Stopped`.
 """
 
 import contextlib
 import copy
 import functools
-import json
 import os
-import signal
 import time
 
 import numpy as np
-import psutil
 import torch
 
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
-from training import generation, latents, patching, phema, runs, snapshots, stopping
+from training import latents, outputs, patching, phema, runs, snapshots, stopping
+from training.architectures import build_network
 from training.augment import AugmentPipe
 from training.dataset import open_dataset
-from training.denoiser import input_multiple
+from training.denoiser import network_input_multiple
 from training.loss import build_loss
-from training.metrics import calc_metrics_for_network
-from training.networks import build_network, image_shape
+from training.networks import image_shape
 
 
 class StepOutOfMemory(MemoryError):
@@ -54,30 +54,6 @@ class StepOutOfMemory(MemoryError):
 def step_seed(seed, rank, step):
     """A 63-bit seed for the randomness of (seed, rank, step)."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]) >> 1
-
-
-def _test_exit_step(rank):
-    """TEST HOOK, inert unless PD_TEST_EXIT_AT='RANK:STEP' is set: the step
-    before which process RANK exits abruptly (os._exit(1)), as if killed, on
-    torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT unset or 0).
-    Returns that step for this rank, or None."""
-    spec = os.environ.get('PD_TEST_EXIT_AT')
-    if not spec or os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0':
-        return None
-    exit_rank, exit_step = (int(v) for v in spec.split(':'))
-    return exit_step if exit_rank == rank else None
-
-
-def _test_signal(rank):
-    """TEST HOOK, inert unless PD_TEST_SIGNAL_AT='RANK:STEP:SIGNAME' is set
-    (e.g. '1:5:SIGTERM'): process RANK sends itself that signal before step
-    STEP, on torchrun's first attempt only, to stop a run at a known step.
-    Returns (step, signal number) for this rank, or (None, None)."""
-    spec = os.environ.get('PD_TEST_SIGNAL_AT')
-    if not spec or os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0':
-        return None, None
-    signal_rank, step, name = spec.split(':')
-    return (int(step), getattr(signal, name)) if int(signal_rank) == rank else (None, None)
 
 
 # ----------------------------------------------------------------------------
@@ -96,6 +72,9 @@ class _Batches:
         self.consumed = consumed
         sampler = misc.InfiniteSampler(dataset, rank=dist.get_rank(), num_replicas=dist.get_world_size(),
                                        seed=seed, start=consumed)
+        if data_loader_kwargs.get('num_workers'):   # workers leave SIGTERM etc. to the rank (training.stopping)
+            data_loader_kwargs = dict(data_loader_kwargs, worker_init_fn=stopping.ForwardSignals(
+                os.getpid(), data_loader_kwargs.get('worker_init_fn')))
         self._iter = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
                                                       **data_loader_kwargs))
 
@@ -110,6 +89,15 @@ class _Batches:
         images = [p[0].to(device, non_blocking=True) for p in parts]
         labels = [p[1].to(device, non_blocking=True) for p in parts]
         return torch.cat(images), torch.cat(labels)
+
+    def close(self):
+        """Stop the DataLoader's workers now rather than whenever the iterator is
+        collected (an error's traceback may hold it): the training loop calls
+        this while its signal handlers are still in place, so that a SIGTERM a
+        worker passes on while being stopped finds one (training.stopping)."""
+        shutdown = getattr(self._iter, '_shutdown_workers', None)   # absent without worker processes
+        if shutdown is not None:
+            shutdown()
 
 
 class Trainer:
@@ -157,7 +145,7 @@ class Trainer:
             shape, channels = tuple(self.dataset.image_shape[1:]), self.dataset.num_channels
         torch.manual_seed(seed)   # the same initial weights on every rank and in every run with this seed
         self.net = build_network(network_kwargs, shape, channels, self.dataset.label_dim)
-        multiple = input_multiple(self.net)
+        multiple = network_input_multiple(self.net)
         patching.check_image_shape(shape, multiple, 'latents' if self.encoder is not None else 'images')
         self.schedule = patching.PatchSchedule(shape, patch_kwargs.get('real_p', 1.0),
                                                latent=self.encoder is not None,
@@ -223,7 +211,13 @@ class Trainer:
 
     def start_data(self, consumed=0):
         """(Re)start the data stream after `consumed` images of this rank."""
+        self.stop_data()
         self.batches = _Batches(self.dataset, self.batch_gpu, self.seed, consumed, self.data_loader_kwargs)
+
+    def stop_data(self):
+        """Stop the data stream's worker processes, if any."""
+        if self.batches is not None:
+            self.batches.close()
 
     def state_dict(self):
         state = dict(net=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
@@ -396,51 +390,53 @@ def training_loop(
 
     dist.print0('Loading dataset and constructing network...')
     dist.make_step_groups(hang_timeout)
-    trainer = Trainer(device=device, **trainer_kwargs)
-    dist.print0(f'Patch sizes: {trainer.schedule.describe()}; images per step {trainer.nimg_per_step:g} on average')
-    if dist.get_rank() == 0:
-        _print_network_summary(trainer)
-    cur_tick = _start(trainer, transfer_pkl, resume_state, accept_changed_data)
-    outputs = dict(run_dir=run_dir, snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks,
-                   sample_count=sample_count, metrics=metrics, metric_kwargs=metric_kwargs,
-                   snapshot_format=snapshot_format, dataset_kwargs=trainer_kwargs.get('dataset_kwargs') or {},
-                   patch_kwargs=trainer_kwargs.get('patch_kwargs') or {})
-    reporter = _TickReporter(trainer, run_dir, tensorboard, start_time)
-    dist.print0(f'Training for {trainer.total_nimg / 1000:g} kimg...')
-    dist.print0()
-    with stopping.StopControl(max_minutes, start_time) as stopper:
+    # Signals are caught from here on, before DataLoader workers exist (they inherit or forward them).
+    with stopping.StopControl(max_minutes, start_time, hang_timeout) as stopper:
+        trainer = Trainer(device=device, **trainer_kwargs)
+        dist.print0(f'Patch sizes: {trainer.schedule.describe()}; images per step {trainer.nimg_per_step:g} on '
+                    f'average')
+        if dist.get_rank() == 0:
+            _print_network_summary(trainer)
+        reporter = None
         try:
-            _train(trainer, reporter, cur_tick, stopper, kimg_per_tick, max_bad_steps, snapshot_on_stop, outputs)
+            cur_tick = _start(trainer, transfer_pkl, resume_state, accept_changed_data)
+            writer = dict(run_dir=run_dir, snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks,
+                          sample_count=sample_count, metrics=metrics, metric_kwargs=metric_kwargs,
+                          snapshot_format=snapshot_format, dataset_kwargs=trainer_kwargs.get('dataset_kwargs') or {},
+                          patch_kwargs=trainer_kwargs.get('patch_kwargs') or {})
+            reporter = outputs.TickReporter(trainer, run_dir, tensorboard, start_time)
+            dist.print0(f'Training for {trainer.total_nimg / 1000:g} kimg...')
+            dist.print0()
+            _train(trainer, reporter, cur_tick, stopper, kimg_per_tick, max_bad_steps, snapshot_on_stop, writer)
         except RuntimeError as err:
             if dist.get_world_size() > 1 and stopping.is_timeout(err):
                 raise stopping.hung_rank_error(err, hang_timeout, run_dir) from err
             raise
-    reporter.close()
+        finally:
+            trainer.stop_data()
+            if reporter is not None:
+                reporter.close()
     dist.print0()
     dist.print0('Exiting...')
     return trainer.ema
 
 
-def _train(trainer, reporter, cur_tick, stopper, kimg_per_tick, max_bad_steps, snapshot_on_stop, outputs):
+def _train(trainer, reporter, cur_tick, stopper, kimg_per_tick, max_bad_steps, snapshot_on_stop, writer):
     """Steps and ticks until the end of training; `stopping.Stopped` when a stop
-    is requested (a signal, --max-minutes), after saving the training state."""
-    exit_step, (signal_step, signum) = _test_exit_step(dist.get_rank()), _test_signal(dist.get_rank())
-    run_dir = outputs['run_dir']
+    is requested (a signal, --max-minutes, the torchrun agent gone), after
+    saving the training state. `writer`: outputs.save_outputs's options."""
+    run_dir = writer['run_dir']
     while True:
         done = trainer.cur_nimg >= trainer.total_nimg
         if not done:
-            if trainer.step_count == exit_step:
-                os._exit(1)
-            if trainer.step_count == signal_step:
-                os.kill(os.getpid(), signum)
             reporter.count(trainer.step())
             done = trainer.cur_nimg >= trainer.total_nimg
             reason = None if done else stopper.poll(trainer.step_count)   # every rank, every step boundary
             if reason is not None:
                 reporter.report(cur_tick)
                 if snapshot_on_stop:
-                    _save_outputs(trainer, cur_tick, True, **dict(outputs, state_dump_ticks=None))
-                _save_state(trainer, run_dir, cur_tick)
+                    outputs.save_outputs(trainer, cur_tick, True, **dict(writer, state_dump_ticks=None))
+                outputs.save_state(trainer, run_dir, cur_tick)
                 raise stopping.Stopped(f'Stopped at kimg {trainer.cur_nimg / 1000:.3f} (step {trainer.step_count}): '
                                        f'{reason}. The training state is saved in {run_dir}; run the same command '
                                        f'to resume.')
@@ -452,7 +448,7 @@ def _train(trainer, reporter, cur_tick, stopper, kimg_per_tick, max_bad_steps, s
                 f'{bad_steps} training steps had non-finite gradients (limit --max-bad-steps={max_bad_steps}), '
                 f'the last at step {trainer.last_bad_step}, tick {cur_tick}. The newest training state in {run_dir} '
                 f'is from before: lower --lr, use --ls with --fp16, and resume from it')
-        _save_outputs(trainer, cur_tick, done, **outputs)
+        outputs.save_outputs(trainer, cur_tick, done, **writer)
         cur_tick += 1
         reporter.start_tick()
         if done:
@@ -484,147 +480,3 @@ def _print_network_summary(trainer):
     labels = torch.zeros([n, net.label_dim], device=trainer.device)
     with torch.no_grad():
         misc.print_module_summary(net, [x, sigma, None, labels], max_nesting=2)
-
-
-# ----------------------------------------------------------------------------
-# End of a tick: statistics, console line, stats.jsonl, TensorBoard.
-
-
-class _TickReporter:
-    """Collects a tick's statistics and writes them (console on rank 0, stats.jsonl, TensorBoard)."""
-
-    def __init__(self, trainer, run_dir, tensorboard, start_time):
-        self.trainer, self.device, self.start_time = trainer, trainer.device, start_time
-        rank0 = dist.get_rank() == 0
-        self.stats_jsonl = os.path.join(run_dir, 'stats.jsonl') if rank0 else None
-        self.writer = _tensorboard_writer(run_dir) if (rank0 and tensorboard) else None
-        self.collector = training_stats.Collector(regex='.*', device=self.device)
-        self.patch_counts = {}
-        self.tick_start_nimg, self.tick_start_time = trainer.cur_nimg, time.time()
-        self.maintenance_time = self.tick_start_time - start_time
-        self.tick_end_time = self.tick_start_time
-
-    def count(self, patch_size):
-        """Count a step at `patch_size`."""
-        self.patch_counts[patch_size] = self.patch_counts.get(patch_size, 0) + 1
-
-    def report(self, cur_tick):
-        """Report the tick that ends now; returns the bad steps so far over all ranks."""
-        trainer, device = self.trainer, self.device
-        self.tick_end_time = now = time.time()
-        cur_nimg, tick_time = trainer.cur_nimg, now - self.tick_start_time
-        # Every rank sees the same (all-reduced) gradients, so every rank counts the same bad steps.
-        bad_steps = sum(dist.gather_ints(trainer.bad_steps)) // dist.get_world_size()
-        training_stats.report0('Progress/tick', cur_tick)
-        training_stats.report0('Progress/kimg', cur_nimg / 1e3)
-        training_stats.report0('Progress/bad_steps', bad_steps)
-        training_stats.report0('Timing/total_sec', now - self.start_time)
-        training_stats.report0('Timing/sec_per_tick', tick_time)
-        training_stats.report0('Timing/sec_per_kimg', tick_time / max(cur_nimg - self.tick_start_nimg, 1) * 1e3)
-        training_stats.report0('Timing/maintenance_sec', self.maintenance_time)
-        cpu_mem_gb = psutil.Process(os.getpid()).memory_info().rss / 2**30
-        training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
-        if device.type == 'cuda':
-            training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
-            torch.cuda.reset_peak_memory_stats()
-        sizes = trainer.schedule.sizes
-        for P in sizes:
-            training_stats.report0(f'Patches/steps_{patching.size_label(P)}px', self.patch_counts.get(P, 0))
-        self.collector.update()
-        mean = self.collector.mean
-        fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.3f}', f'loss {mean("Loss/loss"):<8.4f}',
-                  f'time {dnnlib.util.format_time(now - self.start_time):<9s}', f'sec/tick {tick_time:<7.1f}',
-                  f'sec/kimg {mean("Timing/sec_per_kimg"):<8.2f}', f'maintenance {self.maintenance_time:<6.1f}',
-                  f'cpumem {cpu_mem_gb:<6.2f}']
-        if device.type == 'cuda':
-            fields.append(f'gpumem {mean("Resources/peak_gpu_mem_gb"):<6.2f}')
-        fields.append('patches ' + ' '.join(f'{patching.size_label(P)}:{self.patch_counts.get(P, 0)}' for P in sizes))
-        if bad_steps:
-            fields.append(f'bad_steps {bad_steps}')
-        dist.print0('  '.join(fields))
-        self.patch_counts = {}
-        self._write_stats(self.collector.as_dict(), cur_nimg)
-        return bad_steps
-
-    def _write_stats(self, stats, cur_nimg):
-        if self.stats_jsonl is not None:
-            with runs.writing(self.stats_jsonl):
-                dnnlib.util.append_line(self.stats_jsonl, json.dumps(dict(stats, timestamp=time.time())))
-        if self.writer is not None:
-            for name, value in stats.items():
-                self.writer.add_scalar(name, value['mean'], global_step=int(cur_nimg / 1e3))
-            self.writer.flush()
-
-    def start_tick(self):
-        """Start timing the next tick (the time since the report is maintenance)."""
-        self.tick_start_nimg, self.tick_start_time = self.trainer.cur_nimg, time.time()
-        self.maintenance_time = self.tick_start_time - self.tick_end_time
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _tensorboard_writer(run_dir):
-    """A TensorBoard SummaryWriter for run_dir, or None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter   # optional dependency
-    except ImportError:
-        return None
-    return SummaryWriter(run_dir)
-
-
-# ----------------------------------------------------------------------------
-# End of a tick: snapshots, sample grids, metrics, training states.
-
-
-def _save_outputs(trainer, cur_tick, done, run_dir, snapshot_ticks, state_dump_ticks, sample_count, metrics,
-                  metric_kwargs, snapshot_format, dataset_kwargs, patch_kwargs):
-    """Write what is due at the end of tick `cur_tick` (everything at the last one)."""
-    kimg_tag = f'{trainer.cur_nimg // 1000:06d}'
-    latent = dict(trainer.encoder.info) if trainer.encoder is not None else None   # plain data, never the VAE
-    if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
-        def write_snapshot():
-            path = os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl')
-            extra = dict(patch_kwargs=dict(patch_kwargs), **({'latent': latent} if latent else {}))
-            nets = [(path, trainer.ema, extra)]
-            if trainer.phema is not None:   # the power EMAs, each a snapshot that records its width and time
-                nets += [(os.path.join(run_dir, phema.snapshot_name(kimg_tag, std)), net,
-                          dict(extra, phema=dict(std=std, gamma=gamma, nimg=trainer.cur_nimg,
-                                                 ema_rampup_ratio=trainer.ema_rampup_ratio)))
-                         for std, gamma, net in zip(trainer.phema.stds, trainer.phema.gammas, trainer.phema.nets)]
-            for net_path, net, net_extra in nets:
-                with runs.writing(net_path if snapshot_format != 'safetensors'
-                                  else os.path.splitext(net_path)[0] + '.safetensors'):
-                    snapshots.save_snapshot(net_path, net, trainer.loss_fn, trainer.augment_pipe, dataset_kwargs,
-                                            extra=net_extra, snapshot_format=snapshot_format)
-            if sample_count:
-                grid_path = os.path.join(run_dir, f'samples-{kimg_tag}.png')
-                with runs.writing(grid_path):
-                    generation.sample_grid(trainer.ema, grid_path, seeds=list(range(sample_count)),
-                                           device=trainer.device, latent=latent)
-        dist.run_on_rank0(write_snapshot, group=dist.step_control_group())
-        if metrics:
-            _run_metrics(trainer.ema, metrics, dict(metric_kwargs or {}, latent=latent), run_dir, kimg_tag,
-                         trainer.device)
-            dist.barrier()
-    if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and trainer.step_count > 0:
-        _save_state(trainer, run_dir, cur_tick)
-
-
-def _save_state(trainer, run_dir, cur_tick):
-    """Write training-state-<kimg>.pt (rank 0); the run resumes at tick cur_tick + 1."""
-    path = os.path.join(run_dir, f'training-state-{trainer.cur_nimg // 1000:06d}.pt')
-    dist.run_on_rank0(lambda: runs.save_state(path, dict(trainer.state_dict(), cur_tick=cur_tick + 1)),
-                      group=dist.step_control_group())
-
-
-def _run_metrics(ema, metric_names, metric_kwargs, run_dir, kimg_tag, device):
-    results = calc_metrics_for_network(metric_names, ema, device=device, **metric_kwargs)   # one set of images
-    for metric, result in results.items():
-        if dist.get_rank() == 0:
-            line = json.dumps(dict(metric=metric, results=result, snapshot_kimg=int(kimg_tag), timestamp=time.time()))
-            path = os.path.join(run_dir, f'metric-{metric}.jsonl')
-            with runs.writing(path):
-                dnnlib.util.append_line(path, line)
-            dist.print0(f'{metric}: {result}')

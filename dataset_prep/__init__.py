@@ -1,0 +1,1 @@
+"""Making dataset archives (dataset_tool.py): image sources, the demo shapes, archives."""
