@@ -5,7 +5,7 @@
 #
 #   docker build -t patch-diffusion .
 #   docker run --rm patch-diffusion                    # the test suite (make test), CPU
-#   docker run --rm patch-diffusion make demo          # the CPU demo (about 10 minutes)
+#   docker run --rm patch-diffusion make demo          # the CPU demo (about 8 minutes on 2 cores)
 #   docker run --rm -v $PWD:/workspace -w /workspace patch-diffusion make test     # a checkout of yours
 #   docker run --gpus all --rm -v $PWD:/workspace -w /workspace patch-diffusion \
 #       torchrun --standalone --nproc_per_node=1 train.py --outdir=training-runs --data=datasets/x.zip

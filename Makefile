@@ -62,7 +62,7 @@ demo: venv
 	$(PY) train.py --outdir=$(DEMO_DIR) --data=$(DEMO_DATA) $(DEMO_TRAIN_FLAGS)
 	$(PY) generate.py --device=cpu --seeds=0-63 --grid --outdir=$(DEMO_DIR)/samples $(DEMO_SAMPLE_FLAGS) \
 		--network=$$(ls -t $(DEMO_DIR)/*/network-snapshot-*.pkl | head -n 1)
-	@echo "Demo samples: $(DEMO_DIR)/samples/grid.png (training data: $(DEMO_DATA))"
+	@echo "Demo samples: $(DEMO_DIR)/samples-grid.png (training data: $(DEMO_DATA))"
 
 clean:
 	rm -rf $(filter-out none,$(VENV)) $(DEMO_DIR) $(DEMO_DATA)

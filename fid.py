@@ -45,7 +45,7 @@ def _common_options(fn):
         click.option('--detector', help='FID\'s feature detector, a TorchScript .pt or a network pickle .pkl  [default: EDM\'s Inception-v3, downloaded once into the cache]', metavar='PATH|URL', type=str),
         click.option('--dinov2', 'dinov2_model', help=f'FD-DINOv2\'s model: a Hugging Face Hub id or a folder written by save_pretrained (offline machines)  [default: {dinov2.DEFAULT_MODEL}, downloaded once into the Hub\'s cache]', metavar='ID|DIR', type=str),
         click.option('--device', help='cpu, cuda or cuda:N (under torchrun, cuda is each process\'s LOCAL_RANK GPU)  [default: cuda if available, else cpu]', metavar='STR', type=str),
-        click.option('--workers', help='Data loading processes per process', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True),
+        click.option('--workers', help='Data loading processes per process: 3, or fewer to leave each process one of this machine\'s CPUs', metavar='INT', type=click.IntRange(min=0), default=metrics.DEFAULT_WORKERS, show_default=True),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -136,7 +136,7 @@ def _ref(dataset_path, dest_path, metric_names, batch, detector, dinov2_model, w
     if dist.get_rank() == 0:
         names = ', '.join(f'"{path}"' for path in dests.values())
         print(f'Saving reference statistics to {names}...')
-        metrics.save_refs(dests, stats)
+        metrics.save_refs(dests, stats, locations)
     dist.barrier()
     dist.print0('Done.')
 

@@ -42,7 +42,7 @@ def cli():
 @click.option('--resolution', help='Size of the coordinate frame the columns and rows count in, R (a square) or WxH (x = -1 at column 0, 1 at column W-1; y likewise over H); a network without coordinates takes only its own  [default: the network\'s resolution; required if it records none]', metavar='R|WxH', type=dnnlib.util.Size(), default=None)
 @click.option('--mask_pos', '--mask-pos', 'mask_pos', help='Official flag, checked: call the network without coordinates; allowed only for networks that take none, so it changes nothing', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--embed_fq', '--embed-fq', 'embed_fq', help='Official flag, checked: coordinates embedded as sin/cos at this many frequencies (0 = the plain grid); must match the network\'s channels, which tell it already  [default: detected]', metavar='INT', type=int, default=None)
-@click.option('--grid', help='Also write all images as one grid, outdir/grid.png', is_flag=True)
+@click.option('--grid', help='Also write all images as one grid, OUTDIR-grid.png beside the folder (the folder keeps one PNG per seed, for fid.py calc)', is_flag=True)
 @click.option('--device', help='cpu, cuda or cuda:N (under torchrun, cuda is each process\'s LOCAL_RANK GPU)  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 @click.option('--on_latents', '--on-latents', 'on_latents', help='The network makes VAE latents  [default: as the pickle records; official latent pickles need 1]', metavar='BOOL', type=bool, default=None)
 @click.option('--vae', help=f'VAE to decode latents with: hub id or save_pretrained folder  [default: as recorded, else {latents.DEFAULT_VAE}]', metavar='ID|DIR', type=str, default=None)
@@ -57,7 +57,7 @@ def cli():
 @click.option('--S_max', '--S-max', 'S_max', help='Churn only at noise levels <= S_max', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
 @click.option('--S_noise', '--S-noise', 'S_noise', help='Scale of the churn noise', metavar='FLOAT', type=float, default=1, show_default=True)
 
-@click.option('--solver', help='Ablation: ODE solver', metavar='euler|heun', type=click.Choice(samplers.SOLVERS))
+@click.option('--solver', help='Solver: euler|heun (EDM\'s ablation sampler), dpmpp-2m (DPM-Solver++(2M): one network evaluation per step, N in all, where Heun takes 2N-1), dpmpp-2m-sde (its stochastic form); the multistep ones run on EDM\'s time steps  [default: EDM\'s Heun sampler]', metavar='NAME', type=click.Choice(samplers.SOLVERS + samplers.MULTISTEP_SOLVERS))
 @click.option('--disc', 'discretization', help='Ablation: time step discretization', metavar='vp|ve|iddpm|edm', type=click.Choice(samplers.DISCRETIZATIONS))
 @click.option('--schedule', help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(samplers.SCHEDULES))
 @click.option('--scaling', help='Ablation: signal scaling s(t)', metavar='vp|none', type=click.Choice(samplers.SCALINGS))
@@ -65,8 +65,9 @@ def cli():
 @dnnlib.util.cli_errors
 def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, image_size, x_start, y_start,
              resolution, mask_pos, embed_fq, grid, device, on_latents, vae, scale_factor, **sampler_kwargs):
-    """Generate images with the EDM sampler, or the ablation sampler when any
-    of --solver, --disc, --schedule, --scaling is given.
+    """Generate images with the EDM sampler; with --solver=dpmpp-2m or
+    dpmpp-2m-sde a multistep solver on the same time steps; the ablation
+    sampler when --solver=euler|heun, --disc, --schedule or --scaling is given.
 
     Examples:
 
@@ -77,6 +78,10 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
     \b
     # 50,000 images on 2 GPUs, 1000 per folder
     torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-49999 --subdirs --network=net.pkl
+
+    \b
+    # DPM-Solver++(2M): one network evaluation per step (18 here; EDM's 18 Heun steps take 35)
+    python generate.py --outdir=out --seeds=0-63 --solver=dpmpp-2m --steps=18 --network=net.pkl
 
     \b
     # The 48x48 bottom-right corner of a 64x64 model's images, and a 128x128 canvas beyond them
@@ -106,6 +111,13 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
         raise ValueError(f'--seeds: {err}') from None
     if not seeds:
         raise ValueError('--seeds is empty; give seeds such as 0-63')
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise ValueError(f'--outdir={outdir} is a file; give a folder for the PNGs')
+    others = [] if dist.get_rank() else image_io.other_images(outdir, [image_io.image_path(outdir, seed, subdirs)
+                                                                        for seed in seeds])
+    if others:
+        dist.print0(f'Note: "{outdir}" already holds {len(others)} other images (e.g. {others[0]}), which '
+                    f'fid.py calc --images={outdir} would count too; choose a new --outdir to keep them apart')
 
     # Rank 0 loads first (and fills the download cache), the other ranks after it.
     dist.print0(f'Loading network from "{network_pkl}"...')
@@ -116,6 +128,11 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
                                          device=device, resolution=resolution, image_size=image_size,
                                          x_start=x_start, y_start=y_start, latent=latent, **sampler_kwargs)
 
+    sampler, chosen = samplers.select_sampler(**sampler_kwargs)
+    evaluations = samplers.network_evaluations(sampler, chosen)
+    dist.print0(f'Sampler: {samplers.describe(sampler, chosen)}, {chosen.get("num_steps", 18)} steps: {evaluations} '
+                f'network evaluations per image, {evaluations * len(seeds)} in all'
+                + (' (each two network passes with --cfg)' if cfg != 1 else ''))
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
     num_batches = len(generation.rank_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()))
     for batch_seeds, images in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(dist.get_rank() != 0)):
@@ -125,7 +142,7 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
     dist.barrier()
     if grid and dist.get_rank() == 0:
         images = torch.stack([image_io.load_image(image_io.image_path(outdir, seed, subdirs)) for seed in seeds])
-        dist.print0(f'Grid: {image_io.save_image_grid(images, os.path.join(outdir, "grid.png"))}')
+        dist.print0(f'Grid: {image_io.save_image_grid(images, image_io.grid_path(outdir))}')
     dist.print0('Done.')
     dist.shutdown()
 

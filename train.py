@@ -6,7 +6,7 @@ Patch Diffusion ones).
         --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0 --real_p=0.5
 
 Running the same command again with the same --outdir resumes the newest
-training state of the latest run folder with the same options. The flags
+training state of the latest run folder with the same options and --desc. The flags
 are the table training.flags.FLAGS, the options are resolved by
 training.config, the run folder and what it resumes are chosen by
 training.runs.choose_run, and the training itself is training.training_loop.
@@ -91,15 +91,17 @@ def train(opts, cli, device):
                                     max_size=opts.max_size, xflip=opts.xflip, cache=False))
     except (OSError, ValueError) as err:
         raise ValueError(f'--data={opts.data}: {err}') from None
+    if cli.resume and opts.transfer:
+        raise ValueError('--transfer and --resume are exclusive: a training state holds its own weights')
     seed_given = opts.seed is not None
-    if not seed_given:
+    if not seed_given and not cli.dry_run:   # a dry run leaves it to the run, which records it
         opts.seed = dist.broadcast_object(int(torch.randint(1 << 31, size=[]).item()))
     c = config.build_config(opts, dataset)
 
     # Where to write, and whether to resume (a dry run looks too: it shows what the command would do).
     desc = config.run_description(dict(opts, desc=cli.desc), dataset, dist.get_world_size())
     run = dist.broadcast_object(dist.run_on_rank0(
-        lambda: runs.choose_run(cli.outdir, c, desc, cli.resume, cli.nosubdir, seed_given)))
+        lambda: runs.choose_run(cli.outdir, c, desc, cli.resume, cli.nosubdir, seed_given, cli.desc)))
     c.run_dir, c.seed = run.run_dir, run.seed
     if run.resume_state is not None:
         c.resume_state = run.resume_state
@@ -113,13 +115,16 @@ def train(opts, cli, device):
                      f'reduced precision on CPU too).')
         dist.print0(fp16_note)
     if cli.dry_run:
+        print_plan(c, dataset)
         dist.print0('Dry run; exiting.')
         return
+    if run.complete_kimg is not None:
+        return
 
-    check_input_files(opts, cli.resume)
+    check_input_files(opts)
     new_folders = [d for d in dict.fromkeys([c.run_dir, cli.outdir]) if not os.path.isdir(d)]
     write_options = not run.continues or bool(run.changed)
-    logger = dist.run_on_rank0(lambda: runs.prepare_run_dir(c, write_options))
+    logger = dist.run_on_rank0(lambda: runs.prepare_run_dir(c, write_options, None if cli.nosubdir else cli.desc))
     if fp16_note is not None:
         dist.print0(fp16_note)   # again, now that the console goes to log.txt too
     failed = True
@@ -154,29 +159,44 @@ def print_options(c, opts, device):
     dist.print0()
 
 
-def check_input_files(opts, resume):
-    """Read --metric-ref, --metric-dinov2, --resume and --transfer once before
-    anything is written: a truncated or wrong file is an error now, not after
-    the run folder exists. (--transfer is loaded again by the training loop.)"""
+def print_plan(c, dataset):
+    """The dry run's patch plan: the line the training loop prints when it starts."""
+    schedule = config.patch_schedule(c, dataset)
+    if schedule is None:
+        dist.print0('Patch sizes: set once the VAE is loaded (the latents\' side is the images\' over its factor)')
+    else:
+        dist.print0(f'Patch sizes: {schedule.describe()}; images per step '
+                    f'{c.batch_size * schedule.expected_multiplier:g} on average')
+    if c.seed is None:
+        dist.print0('Seed: drawn at start (no --seed); the run folder\'s training_options.json records it')
+
+
+def check_input_files(opts):
+    """Read --metric-ref, load the metrics' detectors (--metric-detector,
+    --metric-dinov2) and read --transfer once before anything is written: a
+    truncated or wrong file, or a detector an offline machine cannot
+    download, is an error now, not after the run folder exists. (--transfer
+    is loaded again by the training loop; choose_run reads --resume.)"""
     for metric, ref in (config.metric_refs(opts) if opts.metrics else {}).items():
         try:
             metrics.load_ref(ref, metric)
         except (ValueError, OSError) as err:
             raise ValueError(f'--metric-ref: {err}') from None
-    if 'fd_dinov2' in (opts.metrics or ()):   # loaded once per process: the training loop uses this one
-        try:
-            metrics.metric_detector('fd_dinov2', opts.metric_dinov2, opts.device)
-        except ValueError as err:
-            raise ValueError(f'--metric-dinov2: {err}') from None
+    for metric, flag, location in (('fid', '--metric-detector', opts.metric_detector),
+                                   ('fd_dinov2', '--metric-dinov2', opts.metric_dinov2)):
+        if metric in (opts.metrics or ()):   # loaded once per process: the training loop uses this one
+            try:
+                metrics.metric_detector(metric, location, opts.device)
+            except (ValueError, OSError) as err:
+                advice = f'cannot load the default; pass a local copy with {flag}=PATH. ' if location is None else ''
+                raise ValueError(f'{flag}: {advice}{dnnlib.util.one_line(err)}') from None
 
     def check():
-        for flag, value, load in (('--resume', resume, lambda path: runs.load_state(path, mmap=True)),
-                                  ('--transfer', opts.transfer, snapshots.load_network)):
-            if value:
-                try:
-                    load(value)
-                except ValueError as err:
-                    raise ValueError(f'{flag}: {err}') from None
+        if opts.transfer:
+            try:
+                snapshots.load_network(opts.transfer)
+            except ValueError as err:
+                raise ValueError(f'--transfer: {err}') from None
     dist.run_on_rank0(check)
 
 

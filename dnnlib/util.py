@@ -4,16 +4,20 @@ command-line tools. This package and torch_utils import nothing of the
 packages above them (training, evaluation, dataset_prep)."""
 
 import contextlib
+import copy
 import functools
 import hashlib
 import io
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
+import urllib.request
 
 import click
 import numpy as np
@@ -295,28 +299,95 @@ def parse_hf_url(url):
     return match['repo'], match['file'], match['revision']
 
 
+def hub_settings():
+    """(endpoint, cache folder, offline) as huggingface_hub read them from the environment
+    (HF_ENDPOINT, HF_HUB_CACHE or HF_HOME, HF_HUB_OFFLINE). Needs huggingface_hub."""
+    from huggingface_hub import constants
+    return constants.ENDPOINT, constants.HF_HUB_CACHE, bool(constants.HF_HUB_OFFLINE)
+
+
+HUB_PROBE_TIMEOUT_S = 5.0   # how long hub_unavailable waits for a connection to the Hub
+
+
+def hub_unavailable():
+    """None if the Hugging Face Hub may be asked for files; else why not, as a
+    phrase: 'HF_HUB_OFFLINE is set' or 'the Hugging Face Hub (ENDPOINT) does
+    not answer (no network?)'.
+
+    huggingface_hub retries a Hub it cannot reach for about half a minute
+    before it gives up; one TCP connection to the Hub's host (or to the proxy
+    that requests to it go through), name lookup included, bounded by
+    HUB_PROBE_TIMEOUT_S, tells the same in seconds. Callers then read the
+    Hugging Face cache only (local_files_only=True), as huggingface_hub itself
+    falls back to the cache when the Hub does not answer."""
+    endpoint, _cache, offline = hub_settings()
+    if offline:
+        return 'HF_HUB_OFFLINE is set'
+    if not _can_connect(endpoint, HUB_PROBE_TIMEOUT_S):
+        return f'the Hugging Face Hub ({endpoint}) does not answer (no network?)'
+    return None
+
+
+def _can_connect(url, timeout):
+    """True if a TCP connection to the host of `url`, or to the proxy the
+    environment names for it (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), opens
+    within `timeout` seconds in all (name lookup and every address tried)."""
+    parsed = urllib.parse.urlparse(url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == 'https' else 80)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxy = urllib.parse.urlparse(proxy if '://' in proxy else f'http://{proxy}')
+        host, port = proxy.hostname, proxy.port or (443 if proxy.scheme == 'https' else 80)
+    if not host:
+        return False
+    connected = []
+
+    def connect():   # in a thread: a stuck name lookup has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            connected.append(True)
+        except OSError:
+            pass
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(connected)
+
+
+def hub_model_missing(what, reason, save_hint):
+    """The one-line message for a model from the Hub, `what` (e.g. 'the VAE from
+    hub id OWNER/NAME'), that is not in the Hugging Face cache while the Hub
+    may not be asked (`reason` from hub_unavailable); `save_hint` says how to
+    save a copy to a folder and where to give it."""
+    _endpoint, cache, offline = hub_settings()
+    fix = 'unset HF_HUB_OFFLINE to download it' if offline else 'connect this machine to the network'
+    return f'Cannot load {what}: it is not in the Hugging Face cache ({cache}) and {reason}; {fix}, or {save_hint}'
+
+
 def download_hf(url):
     """The local path of the file at Hub address `url` in the Hugging Face
     cache, downloaded first unless it is there (see the comment above).
 
     Raises ValueError for a malformed address and when huggingface_hub is not
     installed, and DownloadError (an OSError) when the file
-    cannot be had: not cached while HF_HUB_OFFLINE is set, the Hub
-    unreachable, no such repository, revision or file, a failed transfer.
+    cannot be had: not cached while HF_HUB_OFFLINE is set or the Hub is
+    unreachable (found out within seconds, see hub_unavailable), no such
+    repository, revision or file, a failed transfer.
     Each message is one line that says what to do.
     """
     repo_id, filename, revision = parse_hf_url(url)
     try:
-        from huggingface_hub import constants, hf_hub_download, utils as hub_utils
+        from huggingface_hub import hf_hub_download, utils as hub_utils
     except ImportError as err:
         raise ValueError(f'{url}: files from the Hugging Face Hub need the huggingface_hub package ({err}); '
                          f'install it with: {HF_INSTALL_HINT}') from None
     where = f'{filename} of {repo_id}' + (f' at revision {revision}' if revision else '')
-    # The settings huggingface_hub read from the environment (HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT),
-    # passed on explicitly, so that the messages below name what was used.
-    cache, offline, endpoint = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE, constants.ENDPOINT
+    # The settings huggingface_hub read from the environment, passed on explicitly, so that the messages
+    # below name what was used.
+    endpoint, cache, offline = hub_settings()
+    cache_only = hub_unavailable() is not None
     try:
-        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, local_files_only=offline,
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, local_files_only=cache_only,
                                endpoint=endpoint)
     except hub_utils.LocalEntryNotFoundError as err:   # not cached, and the Hub not asked or not reached
         if offline:
@@ -384,6 +455,19 @@ def parse_size(text, minimum=1):
     if width < minimum or height < minimum:
         raise ValueError(f'{text!r}: width and height must be >= {minimum}')
     return width, height
+
+
+def default_workers(most=3):
+    """Data loading processes per process that fit this machine: `most`, but
+    at most the CPUs this process may run on (its affinity, as DataLoader
+    counts them), shared by the processes torchrun started here
+    (LOCAL_WORLD_SIZE), less one for the process itself; 0 on one CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    try:
+        local_processes = max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)
+    except ValueError:
+        local_processes = 1
+    return max(0, min(most, cpus // local_processes - 1))
 
 
 def format_time(seconds):
@@ -467,16 +551,27 @@ def error_line(err):
 class DefaultGroup(click.Group):
     """A click group that runs its command `default` when the first argument
     names no subcommand, so `tool.py --flag=...` keeps working next to
-    `tool.py sub --flag=...` (and `tool.py --help` shows the default's help)."""
+    `tool.py sub --flag=...`.
+
+    The default command then runs as the tool itself: its help and errors say
+    `Usage: tool.py [OPTIONS]` and `Try 'tool.py --help'`, and its help ends
+    with the other commands."""
 
     def __init__(self, *args, default=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.default = default
 
-    def parse_args(self, ctx, args):
-        if not args or args[0] not in self.commands:
-            args = [self.default, *args]
-        return super().parse_args(ctx, args)
+    def main(self, args=None, prog_name=None, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in self.commands:
+            return super().main(args, prog_name, **extra)
+        command = copy.copy(self.commands[self.default])   # a view with the other commands in its epilog
+        tool = prog_name or os.path.basename(sys.argv[0])
+        others = [f'  {tool} {name} --help  {sub.get_short_help_str(limit=200)}'
+                  for name, sub in self.commands.items() if name != self.default]
+        epilog = '\b\nOther commands:\n' + '\n'.join(others)
+        command.epilog = f'{command.epilog}\n\n{epilog}' if command.epilog else epilog
+        return command.main(args, prog_name, **extra)
 
 
 class IntList(click.ParamType):

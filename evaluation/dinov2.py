@@ -22,6 +22,8 @@ import os
 
 import torch
 
+import dnnlib
+
 DEFAULT_MODEL = 'facebook/dinov2-large'   # DINOv2 ViT-L/14, the detector of EDM2's FD-DINOv2
 INSTALL_HINT = 'pip install -e ".[dinov2]"'
 RESOLUTION = 224                           # the input side of FD-DINOv2
@@ -108,9 +110,16 @@ def load_dinov2(id_or_dir=DEFAULT_MODEL, device='cpu'):
         raise ValueError(f'DINOv2 model {id_or_dir}: no such folder; give a folder written by save_pretrained or a '
                          f'Hugging Face Hub id such as {DEFAULT_MODEL}')
     where = 'folder' if is_folder else 'Hub id'
+    unavailable = None if is_folder else dnnlib.util.hub_unavailable()   # within seconds, not retries
     try:
-        model, info = Dinov2Model.from_pretrained(id_or_dir, output_loading_info=True)
+        model, info = Dinov2Model.from_pretrained(id_or_dir, output_loading_info=True,
+                                                  local_files_only=unavailable is not None)
     except Exception as err:   # whatever transformers or the Hub client raise for a bad folder or id
+        if unavailable:
+            raise ValueError(dnnlib.util.hub_model_missing(
+                f'the DINOv2 model from Hub id {id_or_dir}', unavailable, f'on a machine that has a network save it with '
+                f'Dinov2Model.from_pretrained("{id_or_dir}").save_pretrained(DIR) and give that folder: '
+                f'fid.py --dinov2=DIR, train.py --metric-dinov2=DIR')) from None
         fix = ('check the folder' if is_folder else
                'check the id and the connection to the Hugging Face Hub, or copy the model on a machine that has '
                'one (Dinov2Model.from_pretrained(ID).save_pretrained(DIR)) and give that folder: fid.py --dinov2=DIR, '

@@ -16,7 +16,9 @@ feeds its own share of the images; sums are reduced over ranks, so the
 statistics do not depend on the number of processes (up to float64
 rounding). Reference statistics are .npz files with 'mu' and 'sigma', one
 per metric: FID's are interchangeable with EDM's; FD-DINOv2's also hold
-'detector' = 'dinov2'.
+'detector' = 'dinov2'; those made with another than the metric's default
+detector also hold 'detector_source', its path, URL or Hub id, so that a
+calculation with a different one says so.
 """
 
 import contextlib
@@ -40,6 +42,7 @@ from training.dataset import ImageFolderDataset
 
 DEFAULT_DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/'
                         'metrics/inception-2015-12-05.pkl')
+DEFAULT_WORKERS = dnnlib.util.default_workers()   # data loading processes per process: 3, fewer on small machines
 _ZIP_MAGIC = b'PK\x03\x04'   # .npz and TorchScript files are zip archives; pickles are not
 
 # The metrics (fid.py and train.py --metrics): name -> what messages call it and the detector whose
@@ -324,6 +327,13 @@ def load_ref(path_or_url, metric='fid'):
     is not such an .npz, or whose recorded detector ('detector'; none, as in
     EDM's files, is Inception-v3) is not the metric's.
     """
+    return load_ref_and_detector(path_or_url, metric)[:2]
+
+
+def load_ref_and_detector(path_or_url, metric='fid'):
+    """(mu, sigma, detector) of load_ref, detector the location of the network the
+    statistics were made with as the file records it ('detector_source'), or None
+    for the metric's default (also for EDM's files, which record none)."""
     return dist.rank0_first(lambda: _load_ref(path_or_url, metric))
 
 
@@ -337,41 +347,89 @@ def _load_ref(path_or_url, metric):
         npz = np.load(io.BytesIO(data), allow_pickle=False)
         missing = [key for key in ('mu', 'sigma') if key not in npz.files]
         if missing:
-            raise ValueError(f'no {" or ".join(repr(k) for k in missing)} array; it has {npz.files}')
+            raise ValueError(f'no {" or ".join(repr(k) for k in missing)} array; it has {_entries(npz.files)}')
         mu, sigma = npz['mu'], npz['sigma']
         detector = str(npz['detector']) if 'detector' in npz.files else METRICS['fid'].detector
+        source = str(npz['detector_source']) if 'detector_source' in npz.files else None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f'{name} is not {label} reference statistics ({err}); make them with fid.py ref') from None
     expected = METRICS[metric].detector
     if detector != expected:
         owner = next((key for key, spec in METRICS.items() if spec.detector == detector), None)
         holds = f'{METRICS[owner].label} statistics' if owner else 'the statistics of another detector'
+        made_with = detector_name(owner, source) if owner else repr(detector)
         hint = f'use it as the {owner} reference, or ' if owner else ''
-        raise ValueError(f'{name} holds {holds} (detector {detector!r}), not {label} statistics ({expected}); '
+        raise ValueError(f'{name} holds {holds} (detector {made_with}), not {label} statistics ({expected}); '
                          f'{hint}make {label} statistics with fid.py ref --metrics={metric}')
     try:
-        return _check_stats(mu, sigma, f'reference ({name})')
+        return (*_check_stats(mu, sigma, f'reference ({name})'), source)
     except ValueError as err:
         raise ValueError(f'{err}; make the reference with fid.py ref') from None
 
 
-def save_ref(path, mu, sigma, metric='fid'):
+def detector_source(metric, location):
+    """What a reference file records as the detector at `location` (see save_refs):
+    None for the metric's default, the absolute path of a local file or folder,
+    else the URL or Hub id as given."""
+    if location is None:
+        return None
+    location = os.fspath(location)
+    if location == (DEFAULT_DETECTOR_URL if metric == 'fid' else dinov2.DEFAULT_MODEL):
+        return None
+    return os.path.abspath(location) if os.path.exists(location) else location
+
+
+def detector_name(metric, source):
+    """A detector as messages name it: its recorded source, or the metric's default."""
+    if source is not None:
+        return repr(source)
+    return repr(METRICS[metric].detector) if metric == 'fid' else repr(dinov2.DEFAULT_MODEL)
+
+
+def detector_note(metric, ref_name, ref_source, location):
+    """A note when reference statistics were made with another detector than
+    `location` (a path, URL or id; None: the default), else None. Files may
+    hold the same network under two names, so this is a note, not an error."""
+    source = detector_source(metric, location)
+    if source == ref_source:
+        return None
+    return (f'Note: {ref_name} holds {METRICS[metric].label} statistics of the detector '
+            f'{detector_name(metric, ref_source)}, but this calculation uses {detector_name(metric, source)}; '
+            f'the value compares two networks\' features unless both are the same network')
+
+
+def _entries(names, shown=5):
+    """The entries of an archive for a message: all of a few, else a count and the first
+    ones; saying so when it holds images (a dataset given where statistics belong)."""
+    listing = names if len(names) <= shown else [*names[:shown], f'... ({len(names)} in all)']
+    images = any(os.path.splitext(name)[1].lower() in ('.png', '.jpg', '.jpeg') for name in names)
+    hint = ', images: a dataset? Make its statistics with fid.py ref --data=DATASET --dest=REF.npz' if images else ''
+    return f'[{", ".join(listing)}]{hint}'
+
+
+def save_ref(path, mu, sigma, metric='fid', detector=None):
     """Write mu [D], sigma [D, D] of `metric` as float64 to the .npz `path`, atomically (see save_refs)."""
-    save_refs({metric: path}, {metric: (mu, sigma)})
+    save_refs({metric: path}, {metric: (mu, sigma)}, {metric: detector})
 
 
-def save_refs(paths, stats):
-    """Write each metric's statistics to its .npz: paths {metric: path}, stats {metric: (mu, sigma)}.
+def save_refs(paths, stats, detectors=None):
+    """Write each metric's statistics to its .npz: paths {metric: path}, stats {metric: (mu, sigma)},
+    detectors {metric: where its detector came from, None (or left out) for the default}.
 
-    Float64 'mu' and 'sigma', plus 'detector' for every metric but FID (whose
-    files keep EDM's layout). All files are written completely under
-    temporary names before any is renamed to its final name; on an error
-    none is.
+    Float64 'mu' and 'sigma'; 'detector' (the metric's detector family) for
+    every metric but FID, whose files keep EDM's layout; 'detector_source'
+    (see detector_source) for a detector that is not the metric's default.
+    EDM's fid.py reads 'mu' and 'sigma' only. All files are written
+    completely under temporary names before any is renamed to its final
+    name; on an error none is.
     """
     arrays = {metric: dict(zip(('mu', 'sigma'), _check_stats(*stats[metric], 'reference'))) for metric in paths}
     for metric, content in arrays.items():
         if metric != 'fid':
             content['detector'] = np.array(METRICS[metric].detector)
+        source = detector_source(metric, (detectors or {}).get(metric))
+        if source is not None:
+            content['detector_source'] = np.array(source)
     with contextlib.ExitStack() as stack:
         for metric, path in paths.items():
             tmp = stack.enter_context(dnnlib.util.atomic_path(path))
@@ -398,7 +456,7 @@ def open_image_folder(path, num=None, seed=0, allow_small=False):
     return dataset
 
 
-def folder_batches(dataset, batch_size=64, num_workers=3, rank=None, world_size=None):
+def folder_batches(dataset, batch_size=64, num_workers=DEFAULT_WORKERS, rank=None, world_size=None):
     """This rank's images of `dataset` (items rank, rank + world_size, ...) as uint8 [n, C, H, W] batches."""
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size
@@ -422,8 +480,8 @@ def _worker_message(err):
     return lines[-1][len(prefix):] if lines else text
 
 
-def calculate_stats_for_folder(path, detectors, num=None, seed=0, allow_small=False, batch_size=64, num_workers=3,
-                               device=None, progress=False):
+def calculate_stats_for_folder(path, detectors, num=None, seed=0, allow_small=False, batch_size=64,
+                               num_workers=DEFAULT_WORKERS, device=None, progress=False):
     """{name: (mu, sigma)} of the images in a folder or zip (see `open_image_folder`) for each of
     `detectors` ({name: module}), from one pass over the images of all ranks."""
     dataset = open_image_folder(path, num=num, seed=seed, allow_small=allow_small)
@@ -445,7 +503,7 @@ def _progress(batches, total):
 
 
 def calculate_metrics(image_path, refs, detectors=None, num=None, seed=0, allow_small=False, batch_size=64,
-                      num_workers=3, device=None, progress=False):
+                      num_workers=DEFAULT_WORKERS, device=None, progress=False):
     """{metric: value} of the images in a folder or zip against reference statistics, on every rank (fid.py calc).
 
     refs: {metric: (mu, sigma) or an .npz path or URL}; detectors: {metric:
@@ -456,8 +514,17 @@ def calculate_metrics(image_path, refs, detectors=None, num=None, seed=0, allow_
     """
     check_metric_names(list(refs))
     device = dist.get_device() if device is None else torch.device(device)
-    refs = {metric: ref if isinstance(ref, (tuple, list)) else load_ref(ref, metric) for metric, ref in refs.items()}
-    detectors = {metric: _as_detector(metric, (detectors or {}).get(metric), device) for metric in refs}
+    refs, detectors = dict(refs), dict(detectors or {})
+    for metric, ref in refs.items():
+        if isinstance(ref, (tuple, list)):
+            continue
+        mu, sigma, source = load_ref_and_detector(ref, metric)
+        refs[metric] = (mu, sigma)
+        note = None if _is_module(detectors.get(metric)) else detector_note(metric, _display_name(ref), source,
+                                                                             detectors.get(metric))
+        if note:
+            dist.print0(note)
+    detectors = {metric: _as_detector(metric, detectors.get(metric), device) for metric in refs}
     stats = calculate_stats_for_folder(image_path, detectors, num=num, seed=seed, allow_small=allow_small,
                                        batch_size=batch_size, num_workers=num_workers, device=device,
                                        progress=progress)
@@ -466,11 +533,14 @@ def calculate_metrics(image_path, refs, detectors=None, num=None, seed=0, allow_
     return {metric: frechet_distance(*stats[metric], *refs[metric]) for metric in refs}
 
 
+def _is_module(detector):
+    """True for a detector given as a network rather than its location (None: the default location)."""
+    return not (detector is None or isinstance(detector, (str, os.PathLike)))
+
+
 def _as_detector(metric, detector, device):
     """`detector` if it is a module (anything but a location), else the metric's detector loaded from there."""
-    if detector is None or isinstance(detector, (str, os.PathLike)):
-        return load_metric_detector(metric, detector, device)
-    return detector
+    return detector if _is_module(detector) else load_metric_detector(metric, detector, device)
 
 
 def calculate_fid(image_path, ref, detector=None, **kwargs):
@@ -494,8 +564,13 @@ def metric_detector(metric, location=None, device='cpu'):
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_ref(path_or_url, metric):
-    return load_ref(path_or_url, metric)
+def _cached_ref(path_or_url, metric, location):
+    """load_ref's statistics, loaded once per process, with detector_note's note (once) on rank 0."""
+    mu, sigma, source = load_ref_and_detector(path_or_url, metric)
+    note = detector_note(metric, _display_name(path_or_url), source, location)
+    if note:
+        dist.print0(note)
+    return mu, sigma
 
 
 def calc_metrics_for_network(metric_names, net, ref, num=50000, detector=None, dinov2=None, batch_size=64,
@@ -519,7 +594,8 @@ def calc_metrics_for_network(metric_names, net, ref, num=50000, detector=None, d
     device = dist.get_device() if device is None else torch.device(device)
     locations = {'fid': detector, 'fd_dinov2': dinov2}
     detectors = {metric: metric_detector(metric, locations[metric], device) for metric in metric_names}
-    refs = {metric: _cached_ref(refs[metric], metric) for metric in metric_names}
+    refs = {metric: _cached_ref(refs[metric], metric, locations[metric] and os.fspath(locations[metric]))
+            for metric in metric_names}
     batches = (images for _seeds, images in generation.generate_images(net, range(num), batch_size, device=device,
                                                                                  latent=latent))
     stats = calculate_stats_of_detectors(batches, detectors, num_expected=num, device=device)

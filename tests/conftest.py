@@ -28,6 +28,15 @@ def makefile_demo_flags(variable='DEMO_TRAIN_FLAGS'):
     return shlex.split(text)
 
 
+def demo_zips(folder, sides, count=8):
+    """{side: a zip of `count` labelled demo shapes of side x side pixels in `folder`}."""
+    from dataset_prep.archive import convert_dataset
+    paths = {side: str(folder / f'shapes-{side}x{side}.zip') for side in sides}
+    for side, path in paths.items():
+        convert_dataset(f'demo:shapes:{count}', path, resolution=(side, side))
+    return paths
+
+
 @pytest.fixture(scope='module')
 def one_thread():
     """One intra-op thread for a module (use with pytest.mark.usefixtures):

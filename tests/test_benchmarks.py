@@ -369,3 +369,35 @@ def test_bench_preemption_times_a_stop_delivered_from_outside(tmp_path, subproce
     stop, summary = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
     assert stop['returncode'] == 75 and 'SIGTERM received on rank 0' in stop['stopped']
     assert summary['states_written'] == 1 and 0 < summary['signal_to_state_s_max'] <= stop['signal_to_exit_s'] < 30
+
+
+@pytest.mark.parametrize('solver, nfe, settings', [
+    ('heun', 11, dict(num_steps=6)), ('heun', 10, None), ('euler', 10, dict(num_steps=10, solver='euler')),
+    ('dpmpp-2m', 7, dict(num_steps=7, solver='dpmpp-2m'))])
+def test_bench_solvers_spends_the_asked_evaluations(solver, nfe, settings):
+    import bench_solvers
+    from training import samplers
+    assert bench_solvers.sampler_settings(solver, nfe) == settings
+    if settings is not None:
+        assert samplers.network_evaluations(*samplers.select_sampler(**settings)) == nfe
+
+
+def test_bench_solvers_cli_scores_each_solver(shapes_zip, tmp_path):
+    import pickle
+    import bench_solvers
+    from training import architectures
+    torch.manual_seed(0)
+    net = architectures.build_network(dict(precond='edm', model_type='SongUNet', model_channels=8, channel_mult=[1],
+                                           num_blocks=1, attn_resolutions=[], dropout=0, use_pos=True), 32, 3, 0)
+    with open(tmp_path / 'net.pkl', 'wb') as f:
+        pickle.dump(dict(ema=net), f)
+    detector = tmp_path / 'classifier.pt'
+    quality_vs_time.save_detector(quality_vs_time.ShapeClassifier(channels=3, num_classes=5), str(detector))
+    result = CliRunner().invoke(bench_solvers.main, [
+        f'--network={tmp_path / "net.pkl"}', f'--data={shapes_zip}', '--seeds=3', '--nfe=3', '--ref-steps=3',
+        '--solvers=heun,dpmpp-2m,dpmpp-2m-sde', f'--detector={detector}', '--threads=1'])
+    assert result.exit_code == 0, result.output
+    points = {p['solver']: p for p in last_json_line(result.output)['points']}
+    assert sorted(points) == ['dpmpp-2m', 'dpmpp-2m-sde', 'heun']
+    assert points['heun']['steps'] == 2 and points['dpmpp-2m']['steps'] == 3
+    assert all(np.isfinite(p['fd']) and p['rmse'] >= 0 for p in points.values())

@@ -17,9 +17,10 @@ from click.testing import CliRunner
 
 import generate
 import train
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, demo_zips
 from dataset_prep.archive import convert_dataset
-from training import architectures, networks, networks_dit, patching, runs, snapshots
+from training import architectures, config, networks, networks_dit, patching, runs, snapshots
+from training.dataset import open_dataset
 from training.denoiser import network_input_multiple
 
 sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
@@ -133,6 +134,46 @@ def test_a_crops_output_does_not_depend_on_its_batch_but_on_its_place():
         torch.testing.assert_close(alone[0], together[i], rtol=1e-5, atol=1e-6)
     moved = net(crops[1: 2], sigma[1: 2], networks.patch_grid(*corners((1, 3)), 8, 16))
     assert not torch.allclose(moved[0], together[1], atol=1e-3)               # the same pixels elsewhere
+
+
+def test_initialisation_is_the_dit_codes():
+    """As the DiT code initialises: linear layers Xavier-uniform with zero
+    biases, the noise embedding's MLP and the label table N(0, 0.02^2), the
+    adaLN modulations and the output layer zero."""
+    torch.manual_seed(0)
+    model = architectures.build_network({**TINY_DIT, 'model_channels': 128}, 16, 3, 100).model
+    for layer in (model.map_layer0, model.map_layer1, model.map_label):
+        weight = layer.weight.detach()
+        assert abs(weight.mean().item()) < 1e-3 and weight.std().item() == pytest.approx(0.02, rel=0.03)
+    block = model.blocks[0]
+    for layer in (model.patchify, block.qkv, block.proj, block.fc0, block.fc1):
+        out_features, in_features = layer.weight.shape
+        bound = (6 / (in_features + out_features)) ** 0.5
+        weight = layer.weight.detach()
+        assert weight.abs().max().item() <= bound and weight.abs().max().item() > 0.99 * bound
+        assert weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.03)
+    for layer in (block.affine, model.out_affine, model.out_proj):
+        assert not layer.weight.any()
+    assert not any(layer.bias.any() for layer in model.modules() if getattr(layer, 'bias', None) is not None)
+
+
+@pytest.mark.parametrize('mlp_ratio, hidden', [(4.0, 128), (2.5, 80), (4, 128)])
+def test_mlp_ratio_may_be_a_float(mlp_ratio, hidden):
+    """The DiT code's mlp_ratio is a float (4.0); the MLP is int(mlp_ratio * D) wide."""
+    net = make_dit(mlp_ratio=mlp_ratio)
+    assert net.model.blocks[0].fc0.weight.shape == (hidden, 32) and net.model.blocks[1].fc1.weight.shape == (32, hidden)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.isfinite(net(x, torch.tensor([0.5, 2.0]))).all()
+
+
+def test_dropout_defaults_to_0_for_a_dit(shapes):
+    """The DiT paper trains without dropout, EDM's UNets with 0.13; --dropout sets both."""
+    dataset = open_dataset(dict(path=shapes[32]))
+    dit = dict(data=shapes[32], arch='dit-s', cbase=32, heads=2)
+    assert config.build_config(dit, dataset).network_kwargs.dropout == 0
+    assert config.build_config(dict(dit, dropout=0.1), dataset).network_kwargs.dropout == 0.1
+    assert config.build_config(dict(data=shapes[32]), dataset).network_kwargs.dropout == 0.13
+    assert config.build_config(dict(data=shapes[32], dropout=0), dataset).network_kwargs.dropout == 0
 
 
 @pytest.mark.parametrize('precond', ['edm', 'vp'])
@@ -249,12 +290,7 @@ def run_dir_of(outdir):
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     """Labelled demo shapes: {16: 16x16 zip, 32: 32x32 zip}."""
-    folder = tmp_path_factory.mktemp('dit-data')
-    paths = {}
-    for side in (16, 32):
-        paths[side] = str(folder / f'shapes-{side}x{side}.zip')
-        convert_dataset('demo:shapes:8', paths[side], resolution=(side, side))
-    return paths
+    return demo_zips(tmp_path_factory.mktemp('dit-data'), (16, 32))
 
 
 def train_args(outdir, data, duration, *extra):

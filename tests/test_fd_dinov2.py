@@ -195,8 +195,11 @@ def test_refs_of_both_detectors_are_written_together_and_kept_apart(tmp_path, fi
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / 'refs')) == ['dinov2.npz', 'inception.npz']   # no temporary file left
     with np.load(dest[0]) as inception, np.load(dest[1]) as dino:
-        assert sorted(inception.files) == ['mu', 'sigma']   # EDM's layout
-        assert sorted(dino.files) == ['detector', 'mu', 'sigma'] and str(dino['detector']) == 'dinov2'
+        # EDM's layout, plus the custom detectors each was made with (EDM's fid.py reads 'mu' and 'sigma' only)
+        assert sorted(inception.files) == ['detector_source', 'mu', 'sigma']
+        assert str(inception['detector_source']) == os.path.abspath(files['inception'])
+        assert sorted(dino.files) == ['detector', 'detector_source', 'mu', 'sigma'] and str(dino['detector']) == 'dinov2'
+        assert str(dino['detector_source']) == os.path.abspath(files['dinov2'])
         assert dino['mu'].shape == (HIDDEN,) and dino['sigma'].dtype == np.float64
     images = folder_images(files['real'])
     mu, sigma = numpy_stats(dinov2.load_dinov2(files['dinov2'])(images))
@@ -204,7 +207,8 @@ def test_refs_of_both_detectors_are_written_together_and_kept_apart(tmp_path, fi
     np.testing.assert_allclose(metrics.load_ref(str(dest[1]), 'fd_dinov2')[1], sigma, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="holds FD-DINOv2 statistics .* use it as the fd_dinov2 reference"):
         metrics.load_ref(str(dest[1]), 'fid')
-    with pytest.raises(ValueError, match="holds FID statistics .*'inception-v3'.* not FD-DINOv2 statistics"):
+    with pytest.raises(ValueError, match=f"holds FID statistics \\(detector '{os.path.abspath(files['inception'])}'\\), "
+                                         f"not FD-DINOv2 statistics"):
         metrics.load_ref(str(dest[0]), 'fd_dinov2')
 
     # A failed write of the second file leaves neither.

@@ -527,3 +527,73 @@ def test_calc_metric_for_network_is_fid_of_seeds_0_to_num(tmp_path, detectors):
     assert isinstance(result, float) and result == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match='Unknown metric'):
         metrics.calc_metric_for_network('kid', net, ref=str(ref_path))
+
+
+# ----------------------------------------------------------------------------
+# Which detector a reference was made with, and the default number of workers.
+
+def test_ref_records_a_custom_detector_and_calc_notes_another(tmp_path, detectors, folders):
+    dest = tmp_path / 'real.npz'
+    result = run_cli('ref', f'--data={folders.real}', f'--dest={dest}', f'--detector={detectors.pt}', '--device=cpu',
+                     '--workers=0')
+    assert result.exit_code == 0, result.output
+    with np.load(dest) as npz:   # EDM's fid.py reads 'mu' and 'sigma' and ignores the rest
+        assert sorted(npz.files) == ['detector_source', 'mu', 'sigma']
+        assert str(npz['detector_source']) == os.path.abspath(detectors.pt)
+
+    common = [f'--images={folders.fake}', f'--ref={dest}', '--device=cpu', '--workers=0', '--num=20']
+    same = run_cli('calc', *common, f'--detector={detectors.pt}')
+    assert same.exit_code == 0, same.output
+    assert 'Note:' not in same.output
+    other = run_cli('calc', *common, f'--detector={detectors.pkl}')   # the same features from another file
+    assert other.exit_code == 0, other.output
+    assert (f"Note: {dest} holds FID statistics of the detector '{os.path.abspath(detectors.pt)}', but this "
+            f"calculation uses '{os.path.abspath(detectors.pkl)}'") in other.output
+    assert float(last_line(other)) == pytest.approx(float(last_line(same)), rel=1e-6)
+    assert "but this calculation uses 'inception-v3'" in metrics.detector_note('fid', 'x', str(dest), None)
+
+    with pytest.raises(ValueError, match=f"holds FID statistics \\(detector '{os.path.abspath(detectors.pt)}'\\), "
+                                         f"not FD-DINOv2 statistics"):
+        metrics.load_ref(str(dest), 'fd_dinov2')
+
+
+def test_a_reference_of_the_default_detector_keeps_edms_layout(tmp_path):
+    path = tmp_path / 'ref.npz'
+    metrics.save_ref(path, np.zeros(3), np.eye(3), detector=metrics.DEFAULT_DETECTOR_URL)
+    with np.load(path) as npz:
+        assert sorted(npz.files) == ['mu', 'sigma']
+    assert metrics.load_ref_and_detector(str(path))[2] is None
+
+
+@pytest.mark.parametrize('cpus, processes, workers', [(1, None, 0), (2, None, 1), (4, None, 3), (64, '8', 3),
+                                                       (16, '8', 1), (8, '8', 0)])
+def test_default_workers_fit_the_machine(monkeypatch, cpus, processes, workers):
+    """3 data loading processes, but no more than the CPUs of each process less one:
+    a 2-core machine gets 1 (DataLoader warns above its CPU count), an 8-GPU node
+    with 16 cores 1 per process."""
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cpus)))
+    if processes is None:
+        monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    else:
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', processes)
+    assert dnnlib.util.default_workers() == workers
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='needs 2 CPUs')
+def test_fid_py_on_two_cpus_takes_one_worker_without_warnings(tmp_path, detectors, folders, repo_root,
+                                                             subprocess_env):
+    """fid.py in a process allowed on 2 CPUs: the help shows 1 worker, and a
+    calculation with the default writes no DataLoader warning."""
+    two_cpus = sorted(os.sched_getaffinity(0))[:2]
+
+    def run(*args):
+        return subprocess.run([sys.executable, 'fid.py', *args], cwd=repo_root, env=subprocess_env, text=True,
+                              capture_output=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, two_cpus))
+    assert '[default: 1; x>=0]' in ' '.join(run('calc', '--help').stdout.split())
+    ref = tmp_path / 'real.npz'
+    assert run('ref', f'--data={folders.real}', f'--dest={ref}', f'--detector={detectors.pt}',
+               '--device=cpu').returncode == 0
+    proc = run('calc', f'--images={folders.fake}', f'--ref={ref}', f'--detector={detectors.pt}', '--device=cpu',
+               '--num=20')
+    assert proc.returncode == 0, proc.stderr
+    assert 'worker' not in proc.stderr, proc.stderr

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import dnnlib
+import fid
 import generate
 import test_latents
 from training import architectures, denoiser, generation, image_io, latents, samplers, snapshots
@@ -75,10 +76,11 @@ def test_subdirs_and_grid(foreign_pickles, tmp_path):
                   '--subdirs', '--grid', '--steps=3', '--batch=3')
     assert result.exit_code == 0, result.output
     outputs = _outputs(tmp_path)
-    assert sorted(outputs) == ['000000/000998.png', '000000/000999.png', '001000/001000.png', '001000/001001.png',
-                               'grid.png']
-    images = torch.stack([torch.from_numpy(outputs[name][1].copy())[None] for name in sorted(outputs)[:4]])
-    assert np.array_equal(outputs['grid.png'][1], image_io.image_grid(images)[0].numpy())
+    assert sorted(outputs) == ['000000/000998.png', '000000/000999.png', '001000/001000.png', '001000/001001.png']
+    images = torch.stack([torch.from_numpy(outputs[name][1].copy())[None] for name in sorted(outputs)])
+    grid = f'{tmp_path}-grid.png'   # beside the folder, which keeps one PNG per seed
+    assert f'Grid: {grid}' in result.output
+    assert np.array_equal(_pixels(grid)[1], image_io.image_grid(images)[0].numpy())
 
 
 def test_one_process_equals_two_under_torchrun(foreign_pickles, tmp_path, subprocess_env, python_exe, repo_root):
@@ -91,9 +93,11 @@ def test_one_process_equals_two_under_torchrun(foreign_pickles, tmp_path, subpro
     result = subprocess.run(command, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _outputs(tmp_path / 'one'), _outputs(tmp_path / 'two')
-    assert len(one) == 9 and sorted(one) == sorted(two)
+    assert len(one) == 8 and sorted(one) == sorted(two)
     for name in one:
         assert one[name][0] == two[name][0] and np.array_equal(one[name][1], two[name][1]), name
+    grids = [_pixels(tmp_path / f'{name}-grid.png') for name in ('one', 'two')]
+    assert grids[0][0] == grids[1][0] and np.array_equal(grids[0][1], grids[1][1])
 
 
 def test_region_flags_write_what_generate_images_returns(foreign_pickles, tmp_path):
@@ -233,3 +237,74 @@ def test_convert_writes_a_safetensors_snapshot_that_samples_the_same_images(tmp_
     from_pkl, from_safetensors = _outputs(tmp_path / '.pkl'), _outputs(tmp_path / '.safetensors')
     assert sorted(from_pkl) == sorted(from_safetensors) == ['000000.png', '000001.png']
     assert all(np.array_equal(from_pkl[name][1], from_safetensors[name][1]) for name in from_pkl)
+
+
+# ----------------------------------------------------------------------------
+# generate.py as a new user meets it: --help, and its images scored by fid.py.
+
+class MeanColour(torch.nn.Module):
+    """A feature detector for fid.py: uint8 RGB [N, 3, H, W] -> the mean of each channel and of its square [N, 6]."""
+
+    def forward(self, images, return_features: bool = True):
+        x = images.to(torch.float32) / 255
+        return torch.cat([x.mean(dim=(2, 3)), x.square().mean(dim=(2, 3))], dim=1)
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning')
+def test_fid_py_scores_the_folder_that_grid_wrote(foreign_pickles, tmp_path):
+    """generate.py --grid, then fid.py ref and calc on its folder: every image is one seed's
+    (the grid, of another size, would fail the calculation and count as an image)."""
+    detector = tmp_path / 'mean-colour.pt'
+    torch.jit.save(torch.jit.script(MeanColour()), str(detector))
+    outdir = tmp_path / 'out'
+    result = _run(f'--network={foreign_pickles / "edm_cond.pkl"}', f'--outdir={outdir}', '--seeds=0-5', '--steps=2',
+                  '--grid')
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / 'out-grid.png').is_file()
+    common = ['--device=cpu', '--workers=0', f'--detector={detector}']
+    ref = CliRunner().invoke(fid.main, ['ref', f'--data={outdir}', f'--dest={tmp_path / "ref.npz"}', *common])
+    assert ref.exit_code == 0, ref.output
+    calc = CliRunner().invoke(fid.main, ['calc', f'--images={outdir}', f'--ref={tmp_path / "ref.npz"}', '--num=6',
+                                         *common])
+    assert calc.exit_code == 0, calc.output
+    assert abs(float(calc.output.strip().splitlines()[-1])) < 1e-6
+
+
+def test_help_and_errors_name_the_command_as_typed():
+    """`generate.py --help` is the help of generate.py (not of a hidden `generate`
+    subcommand) and names convert; `generate.py convert` and `generate.py generate`
+    keep working."""
+    runner = CliRunner()
+    text = runner.invoke(generate.cli, ['--help'], prog_name='generate.py').output
+    assert text.startswith('Usage: generate.py [OPTIONS]\n')
+    assert 'generate.py generate' not in text
+    assert 'generate.py convert --help  Convert a network pickle you trust to a .safetensors snapshot.' in text
+    missing = runner.invoke(generate.cli, ['--outdir=out'], prog_name='generate.py')
+    assert missing.exit_code == 2
+    assert "Try 'generate.py --help' for help." in missing.output and "Missing option '--network'" in missing.output
+    convert = runner.invoke(generate.cli, ['convert', '--help'], prog_name='generate.py')
+    assert convert.output.startswith('Usage: generate.py convert [OPTIONS]\n')
+    explicit = runner.invoke(generate.cli, ['generate', '--help'], prog_name='generate.py')
+    assert explicit.exit_code == 0 and '--network' in explicit.output
+
+
+def test_an_outdir_that_is_a_file_fails_before_sampling(foreign_pickles, tmp_path):
+    outdir = tmp_path / 'out'
+    outdir.write_text('not a folder')
+    result = _run(f'--network={foreign_pickles / "edm_cond.pkl"}', f'--outdir={outdir}', '--seeds=0-1', '--steps=2')
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f'Error: --outdir={outdir} is a file; give a folder for the PNGs']
+
+
+def test_other_images_in_the_outdir_are_pointed_out(foreign_pickles, tmp_path):
+    """A second run into the same folder with fewer seeds: a note that fid.py would count
+    the first run's images too; the same seeds again (a rerun): no note."""
+    outdir = tmp_path / 'out'
+    network = f'--network={foreign_pickles / "edm_cond.pkl"}'
+    assert _run(network, f'--outdir={outdir}', '--seeds=0-3', '--steps=2').exit_code == 0
+    again = _run(network, f'--outdir={outdir}', '--seeds=0-3', '--steps=2')
+    assert again.exit_code == 0 and 'Note: "' not in again.output
+    fewer = _run(network, f'--outdir={outdir}', '--seeds=0-1', '--steps=2')
+    assert fewer.exit_code == 0, fewer.output
+    assert (f'Note: "{outdir}" already holds 2 other images (e.g. {outdir / "000002.png"}), which fid.py calc '
+            f'--images={outdir} would count too') in fewer.output

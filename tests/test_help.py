@@ -24,7 +24,7 @@ import train
 from dataset_prep import demo_data
 from dataset_prep.archive import convert_dataset, encode_dataset
 from evaluation import dinov2, metrics
-from training import architectures, config, generation, latents, loss, networks_unet, phema, samplers
+from training import architectures, config, flags, generation, latents, loss, networks_unet, phema, samplers
 
 SCRIPTS = {'train.py': train.main, 'generate.py': generate.cli, 'fid.py': fid.main, 'dataset_tool.py': dataset_tool.cli,
            'reconstruct_phema.py': reconstruct_phema.main}
@@ -106,11 +106,13 @@ HAND_WRITTEN = {
     ('train.py', 'P_mean'): str(param_default(loss.EDMLoss, 'P_mean')),
     ('train.py', 'P_std'): str(param_default(loss.EDMLoss, 'P_std')),
     ('train.py', 'device'): DEVICE,
+    ('train.py', 'dropout'): f"{flags.DEFAULT_DROPOUT['unet']}; DiT: {flags.DEFAULT_DROPOUT['dit']}",
     ('train.py', 'seed'): 'random; a resumed run keeps its own',
     ('generate.py generate', 'class_idx'): 'random per seed',
     ('generate.py generate', 'image_size'): '--resolution',
     ('generate.py generate', 'resolution'): "the network's resolution; required if it records none",
     ('generate.py generate', 'embed_fq'): 'detected',
+    ('generate.py generate', 'solver'): "EDM's Heun sampler",
     ('generate.py generate', 'device'): DEVICE,
     ('generate.py generate', 'on_latents'): 'as the pickle records; official latent pickles need 1',
     ('generate.py generate', 'vae'): f'as recorded, else {latents.DEFAULT_VAE}',
@@ -127,6 +129,7 @@ HAND_WRITTEN = {
     ('fid.py calc', 'dinov2_model'): f"{dinov2.DEFAULT_MODEL}, downloaded once into the Hub's cache",
     ('fid.py ref', 'dinov2_model'): f"{dinov2.DEFAULT_MODEL}, downloaded once into the Hub's cache",
     ('train.py', 'metric_dinov2'): dinov2.DEFAULT_MODEL,
+    ('train.py', 'metric_detector'): "EDM's Inception-v3, downloaded once into the cache",
     ('dataset_tool.py encode', 'vae'): latents.DEFAULT_VAE,
     ('dataset_tool.py encode', 'scale_factor'): str(latents.DEFAULT_SCALE_FACTOR),
     ('dataset_tool.py encode', 'device'): DEVICE,
@@ -276,7 +279,7 @@ def dry_run(args):
 def test_dry_run_shows_the_run_and_its_resume(tmp_path, no_torchrun_env, subprocess_env):
     """A dry run names the folder the real run then writes, with the options it
     writes; after the run, the same flags' dry run names that folder and says it
-    would resume it, and writes nothing. With --progressive=1 no random-draw
+    is complete, and writes nothing. With --progressive=1 no random-draw
     probabilities are printed."""
     data = tmp_path / 'shapes-32x32.zip'
     convert_dataset('demo:shapes:8', str(data), resolution=(32, 32))
@@ -297,6 +300,6 @@ def test_dry_run_shows_the_run_and_its_resume(tmp_path, no_torchrun_env, subproc
 
     output, planned = dry_run(args)
     assert planned['run_dir'] == str(run_dir)
-    assert f'Resuming run {run_dir} from {run_dir / "training-state-000000.pt"}' in output
+    assert f'{run_dir} is already complete at' in output   # the run is finished: nothing to resume
     assert 'probabilit' not in output.lower()
     assert os.listdir(outdir) == [name]

@@ -14,6 +14,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,9 @@ import torch
 from click.testing import CliRunner
 from huggingface_hub import constants, file_download
 
+import dataset_tool
 import dnnlib
+import fid
 import generate
 import train
 from dataset_prep.archive import convert_dataset
@@ -415,3 +418,104 @@ def test_no_network_says_so(fake_hub, tmp_path):
         f'Error: Cannot open the network pickle hf://owner/repo/net.pkl: Cannot reach the Hugging Face Hub '
         f'({fake_hub.endpoint}) to download net.pkl of owner/repo, and it is not in the cache ({fake_hub.cache}): '
         f'check the network connection, or download the file elsewhere and pass its local path')
+
+
+# ----------------------------------------------------------------------------
+# No network: the Hub's address is a closed or silent port on 127.0.0.1. Nothing
+# patches time.sleep here, so huggingface_hub's retries (about half a minute
+# for a Hub that does not answer) would show in the time taken.
+
+NO_NETWORK_S = 10   # the most a command may take to say that there is no network
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch, free_port):
+    """An empty cache, HF_HUB_OFFLINE unset, and a Hub endpoint where nothing listens; returns (endpoint, cache)."""
+    endpoint, cache = f'http://127.0.0.1:{free_port}', tmp_path / 'hf-cache'
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+    template = endpoint + '/{repo_id}/resolve/{revision}/{filename}'
+    monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
+    monkeypatch.setattr(file_download, 'HUGGINGFACE_CO_URL_TEMPLATE', template, raising=False)
+    return endpoint, cache
+
+
+def timed(fn, *args):
+    start = time.monotonic()
+    result = fn(*args)
+    return result, time.monotonic() - start
+
+
+def test_no_network_fails_fast_for_hub_files(unreachable_hub, tmp_path):
+    endpoint, cache = unreachable_hub
+    result, seconds = timed(CliRunner().invoke, generate.main, ['--network=hf://owner/repo/net.pkl',
+                                                                f'--outdir={tmp_path / "out"}', '--device=cpu'])
+    assert one_error_line(result) == (
+        f'Error: Cannot open the network pickle hf://owner/repo/net.pkl: Cannot reach the Hugging Face Hub '
+        f'({endpoint}) to download net.pkl of owner/repo, and it is not in the cache ({cache}): '
+        f'check the network connection, or download the file elsewhere and pass its local path')
+    assert seconds < NO_NETWORK_S
+
+
+def test_no_network_reads_the_cached_file_at_once(unreachable_hub, cached_net):
+    _endpoint, cache = unreachable_hub
+    put_in_cache(cache, REPO, 'net.pkl', cached_net[0])
+    data, seconds = timed(read, 'hf://owner/repo/net.pkl')
+    assert data == cached_net[0].read_bytes() and seconds < NO_NETWORK_S
+
+
+def test_no_network_fails_fast_for_the_vae(unreachable_hub, tmp_path):
+    """dataset_tool.py encode with the default VAE (a Hub id, through diffusers)."""
+    pytest.importorskip('diffusers')
+    endpoint, cache = unreachable_hub
+    dest = tmp_path / 'latents.zip'
+    result, seconds = timed(CliRunner().invoke, dataset_tool.cli, ['encode', '--source=demo:shapes:2',
+                                                                   f'--dest={dest}', '--device=cpu'])
+    assert one_error_line(result) == (
+        f'Error: Cannot load the VAE from hub id stabilityai/sd-vae-ft-ema: it is not in the Hugging Face cache ({cache}) and '
+        f'the Hugging Face Hub ({endpoint}) does not answer (no network?); connect this machine to the network, '
+        f'or on a machine that has a network save it with AutoencoderKL.from_pretrained("stabilityai/sd-vae-ft-ema")'
+        f'.save_pretrained(DIR) and give that folder (--vae=DIR)')
+    assert seconds < NO_NETWORK_S and not dest.exists()
+
+
+def test_no_network_fails_fast_for_dinov2(unreachable_hub, tmp_path):
+    """fid.py ref --metrics=fd_dinov2 with the default model (a Hub id, through transformers)."""
+    pytest.importorskip('transformers')
+    _endpoint, cache = unreachable_hub
+    folder = tmp_path / 'images'
+    convert_dataset('demo:shapes:2', str(folder), resolution=(16, 16))
+    dest = tmp_path / 'ref.npz'
+    result, seconds = timed(CliRunner().invoke, fid.main, ['ref', f'--data={folder}', f'--dest={dest}',
+                                                           '--metrics=fd_dinov2', '--device=cpu', '--workers=0'])
+    line = one_error_line(result)
+    assert line.startswith(f'Error: Cannot load the DINOv2 model from Hub id facebook/dinov2-large: it is not in the Hugging '
+                           f'Face cache ({cache}) and the Hugging Face Hub')
+    assert '(no network?)' in line and 'fid.py --dinov2=DIR' in line
+    assert seconds < NO_NETWORK_S and not dest.exists()
+
+
+def test_a_silent_hub_is_given_up_after_the_probe_timeout(unreachable_hub, monkeypatch):
+    """A Hub whose connections hang (a listening socket with a full queue: the
+    kernel drops further connection requests) counts as unreachable after
+    HUB_PROBE_TIMEOUT_S."""
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(0)
+    waiting = []
+    for _ in range(4):   # fill the queue; these are never accepted
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(server.getsockname())
+        waiting.append(client)
+    endpoint = f'http://127.0.0.1:{server.getsockname()[1]}'
+    monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+    monkeypatch.setattr(dnnlib.util, 'HUB_PROBE_TIMEOUT_S', 0.5)
+    try:
+        reason, seconds = timed(dnnlib.util.hub_unavailable)
+    finally:
+        for sock in [*waiting, server]:
+            sock.close()
+    assert reason == f'the Hugging Face Hub ({endpoint}) does not answer (no network?)'
+    assert 0.4 < seconds < 2

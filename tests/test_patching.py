@@ -32,6 +32,43 @@ def test_multiplier_is_r_over_p_and_matches_official_table():
     assert patching.batch_multiplier(256, 64) == 4 and patching.batch_multiplier(32, 8) == 4
 
 
+# The official code's multipliers, as its training loop takes them: table[P] // table[R].
+OFFICIAL_TABLE = {512: 1, 256: 2, 128: 4, 64: 16, 32: 32, 16: 64}
+
+
+@pytest.mark.parametrize('resolution, latent, expected', [(128, False, [8, 4, 1]), (256, False, [8, 2, 1]),
+                                                          (64, False, [4, 2, 1]), (512, False, [4, 2, 1]),
+                                                          (32, True, [2, 1]), (64, True, [2, 1])])
+def test_official_multipliers_are_the_official_table(resolution, latent, expected):
+    """--batch-mult=official: at 128 px x8 and x4 for 32 and 64 px patches,
+    at 256 px x8 and x2 for 64 and 128 px; the formula R/P elsewhere too."""
+    schedule = patching.PatchSchedule(resolution, 0.5, latent=latent, batch_mult='official')
+    assert schedule.multipliers == [OFFICIAL_TABLE[P] // OFFICIAL_TABLE[resolution] for P in schedule.sizes]
+    assert schedule.multipliers == expected
+    assert [schedule.multiplier(P) for P in schedule.sizes] == expected
+    assert schedule.expected_multiplier == pytest.approx(np.dot(schedule.probs, expected))
+    formula = patching.PatchSchedule(resolution, 0.5, latent=latent)
+    assert formula.batch_mult == 'formula' and formula.multipliers == [resolution // P for P in formula.sizes]
+    # A round merges only as many rounds as fit in a full round's pixels.
+    for P, m in zip(schedule.sizes, schedule.multipliers):
+        assert schedule.merge_limit(P) == max(1, min(m, resolution ** 2 // (m * P * P)))
+        assert formula.merge_limit(P) == formula.multiplier(P)
+    assert patching.PatchSchedule(128, 0.5, batch_mult='official').merge_limit(32) == 2
+
+
+@pytest.mark.parametrize('resolution, latent, real_p, multiple', [(32, False, 0.5, 1), (16, True, 0.5, 1),
+                                                                  ((32, 48), False, 0.5, 1), (48, False, 0.5, 8),
+                                                                  (1024, False, 0.5, 1), (96, False, 0.5, 8)])
+def test_official_multipliers_refuse_sizes_the_table_lacks(resolution, latent, real_p, multiple):
+    with pytest.raises(ValueError, match=r'^--batch-mult=official: the official code\'s table has multipliers for '
+                                         r'square images and patches of sides 16, 32, 64, 128, 256, 512 only, '
+                                         r'not .* px patches of .* px images; use --batch-mult=formula \(R/P\)$'):
+        patching.PatchSchedule(resolution, real_p, latent=latent, multiple=multiple, batch_mult='official')
+    assert patching.PatchSchedule(32, 1.0, batch_mult='official').multipliers == [1]   # full images: in the table
+    with pytest.raises(ValueError, match='batch_mult'):
+        patching.PatchSchedule(64, 0.5, batch_mult='table')
+
+
 @pytest.mark.parametrize('resolution,latent,real_p,expected', [
     (64, False, 0.5, 1.9),      # 0.2 * 4 + 0.3 * 2 + 0.5 * 1
     (64, False, 1.0, 1.0),
@@ -117,6 +154,43 @@ def test_progressive_schedule_switches_at_cumulative_shares():
 
     latent = patching.PatchSchedule(32, 0.25, latent=True, progressive=True)
     assert [latent.draw(0, progress=t) for t in (0.0, 0.7, 0.8, 1.0)] == [16, 16, 32, 32]
+
+
+def official_progressive_size(patch_list, p_list, cur_nimg, total_kimg):
+    """The official loop's progressive patch size: the first size whose
+    cumulative share (the last one set to 10) is >= cur_nimg // 1000 / total_kimg."""
+    p_cumsum = np.array(p_list).cumsum()
+    p_cumsum[-1] = 10.
+    return int(np.array(patch_list)[(cur_nimg // 1000 / total_kimg) <= p_cumsum][0])
+
+
+@pytest.mark.parametrize('batch', [4, 24, 64, 256])
+@pytest.mark.parametrize('total_kimg, real_p', [(3, 0.5), (7, 0.5), (10, 0.2), (25, 0.75), (200, 0.5)])
+def test_progressive_switches_where_the_official_code_does(batch, total_kimg, real_p):
+    """Every step of a run (images counted as the Trainer counts them, batch * m)
+    trains on the official code's size: phases start at whole kimg."""
+    schedule = patching.PatchSchedule(64, real_p, progressive=True)
+    patch_list, p_list = [16, 32, 64], [(1 - real_p) * 2 / 5, (1 - real_p) * 3 / 5, real_p]
+    total_nimg = max(int(total_kimg * 1000), 1)   # the Trainer's
+    nimg, step, sizes, switches = 0, 0, [], []
+    while nimg < total_nimg:
+        P = schedule.draw(step, patching.training_progress(nimg, total_nimg))
+        assert P == official_progressive_size(patch_list, p_list, nimg, total_kimg), (step, nimg)
+        if sizes and P != sizes[-1]:
+            switches.append(nimg)
+        sizes.append(P)
+        nimg, step = nimg + batch * schedule.multiplier(P), step + 1
+    # A phase ends only once the whole kimg exceed its cumulative share: never at a part of a kimg.
+    cum = np.cumsum(p_list)[:2]
+    assert len(switches) == 2 and all(s >= np.ceil(c * total_kimg + 1e-9) * 1000 for s, c in zip(switches, cum))
+
+
+def test_training_progress_is_whole_kimg_over_the_duration():
+    assert patching.training_progress(0, 3000) == 0
+    assert patching.training_progress(999, 3000) == 0
+    assert patching.training_progress(1999, 3000) == 1 / 3
+    assert patching.training_progress(200_000_512, 200_000_000) == 200_000 // 1 / 200_000
+    assert patching.training_progress(150_999, 200_000) == 150 / 200   # the exact fraction would be 0.754995
 
 
 # ----------------------------------------------------------------------------

@@ -196,6 +196,72 @@ def test_earlier_time(synthetic):
     assert np.abs(result - exact).mean() / np.abs(exact - weights[k]).mean() < RECONSTRUCTION_TOLERANCE
 
 
+def edm2_coefficients(in_t, in_gamma, out_t, out_gamma):
+    """EDM2's reconstruction coefficients, computed here from the paper's
+    maths alone: the Gram matrix of power-function profiles
+    p(tau) = (g + 1) tau^g / t^(g + 1) on [0, t], whose inner products are
+    int_0^min(t_a, t_b) p_a p_b = (g_a + 1)(g_b + 1) min(t_a, t_b)^(g_a + g_b + 1)
+    / ((g_a + g_b + 1) t_a^(g_a + 1) t_b^(g_b + 1)) (in logarithms, against
+    overflow), the solve of A x = b, then x divided by its sum. [in, out]."""
+    def gram(t_a, g_a, t_b, g_b):
+        t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in np.broadcast_arrays(t_a, g_a, t_b, g_b))
+        log = (np.log(g_a + 1) + np.log(g_b + 1) + (g_a + g_b + 1) * np.log(np.minimum(t_a, t_b))
+               - np.log(g_a + g_b + 1) - (g_a + 1) * np.log(t_a) - (g_b + 1) * np.log(t_b))
+        return np.exp(log)
+    col, row = (lambda v: np.float64(v).reshape(-1, 1)), (lambda v: np.float64(v).reshape(1, -1))
+    A = gram(col(in_t), col(in_gamma), row(in_t), row(in_gamma))
+    B = gram(col(in_t), col(in_gamma), row(out_t), row(out_gamma))
+    X = np.linalg.solve(A, B)
+    return X / X.sum(axis=0)
+
+
+@pytest.mark.parametrize('times, stds', [(np.arange(1, 11) * 1000.0, (0.05, 0.10)),
+                                         (np.arange(1, 31) * 3217.0, (0.05, 0.10)),
+                                         (np.array([8.0, 1000, 2008, 3016]), (0.05, 0.10)),
+                                         (np.arange(1, 11) * 1e6, (0.03, 0.08, 0.15))])
+def test_coefficients_are_edm2s(times, stds):
+    """Every width, at the newest and at an earlier time, gets EDM2's
+    coefficients (they sum to 1); the error is that of their profile."""
+    sources = [phema.PowerProfile(t, phema.std_to_gamma(std)) for t in times for std in stds]
+    in_t, in_gamma = [p.t for p in sources], [p.gamma for p in sources]
+    for t_out in (times[-1], times[len(times) // 2]):
+        used = [i for i, p in enumerate(sources) if p.t <= t_out]
+        out_stds = (0.02, 0.07, 0.10, 0.15, 0.20, 0.25, 0.28)
+        reference = edm2_coefficients([in_t[i] for i in used], [in_gamma[i] for i in used], t_out,
+                                      [phema.std_to_gamma(std) for std in out_stds])
+        for j, std in enumerate(out_stds):
+            target = phema.PowerProfile(t_out, phema.std_to_gamma(std))
+            x, error = phema.solve_weights([sources[i] for i in used], target)
+            np.testing.assert_allclose(x, reference[:, j], rtol=1e-8, atol=1e-10 * np.abs(reference[:, j]).max())
+            assert x.sum() == pytest.approx(1, abs=1e-12)
+            def combined(tau):   # a profile is 0 after its time
+                return sum(w * np.where(tau <= sources[i].t, sources[i].density(tau), 0)
+                           for w, i in zip(x, used)) - target.density(tau)
+            kinks = sorted({sources[i].t for i in used})
+            expected = math.sqrt(phema._integrate(lambda tau: combined(tau) ** 2, t_out, kinks)
+                                 / phema.inner(target, target))
+            assert error == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_a_constant_added_to_the_weights_comes_back(synthetic):
+    """The coefficients sum to 1, so every reconstruction (widths, classic
+    EMAs with and without ramp-up) of weights + c is the reconstruction of
+    the weights + c: large weights that drift a little lose nothing to a
+    scale (without the division by the sum, a width of 0.25 would be off by
+    0.7% of the weights)."""
+    times, weights, snaps = synthetic
+    offset = np.random.default_rng(5).normal(size=weights.shape[1]) * 100
+    shifted = [(p, v + offset) for p, v in snaps]
+    for target in (phema.PowerProfile(times[-1], phema.std_to_gamma(0.25)),
+                   phema.PowerProfile(times[-1], phema.std_to_gamma(0.075)),
+                   phema.HalfLifeProfile(times[-1], 0.05 * times[-1], 0.05),
+                   phema.HalfLifeProfile(times[-1], 0.2 * times[-1], None)):
+        result, x, _ = reconstruct_synthetic(snaps, target)
+        moved, _, _ = reconstruct_synthetic(shifted, target)
+        assert x.sum() == pytest.approx(1, abs=1e-12)
+        np.testing.assert_allclose(moved - offset, result, rtol=0, atol=1e-9 * np.abs(offset).max())
+
+
 # ----------------------------------------------------------------------------
 # In training.
 
@@ -328,6 +394,31 @@ def test_command_at_an_earlier_kimg(phema_run, tmp_path):
     tracked, _ = snapshots.load_network(os.path.join(phema_run, 'network-snapshot-000001-0.050.pkl'))
     for a, b in zip(rebuilt.parameters(), tracked.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_command_writes_edm2s_combination_of_the_snapshots(phema_run, tmp_path):
+    """The reconstructed weights are the snapshots' weights times EDM2's
+    coefficients (widths), or the normalised least-squares ones (a classic
+    EMA), summed: the same to float32 rounding."""
+    result = CliRunner().invoke(reconstruct_phema.main, [f'--indir={phema_run}', f'--outdir={tmp_path}',
+                                                         '--outstd=0.075,0.2', '--outema=0.0005'])
+    assert result.exit_code == 0, result.output
+    names = sorted(name for name in os.listdir(phema_run) if name.count('-') == 3 and name.endswith('.pkl'))
+    loaded = [snapshots.load_network(os.path.join(phema_run, name)) for name in names]
+    assert len(loaded) == 8
+    in_t = [meta.phema['nimg'] for _, meta in loaded]
+    in_gamma = [meta.phema['gamma'] for _, meta in loaded]
+    t = max(in_t)
+    halflife = phema.HalfLifeProfile(t, 500.0, loaded[0][1].phema['ema_rampup_ratio'])
+    classic, _ = phema.solve_weights([phema.PowerProfile(a, g) for a, g in zip(in_t, in_gamma)], halflife)
+    assert classic.sum() == pytest.approx(1, abs=1e-12)
+    widths = edm2_coefficients(in_t, in_gamma, t, [phema.std_to_gamma(0.075), phema.std_to_gamma(0.2)])
+    for name, x in (('phema-000003-0.075.pkl', widths[:, 0]), ('phema-000003-0.200.pkl', widths[:, 1]),
+                    ('phema-000003-ema0.0005.pkl', classic)):
+        rebuilt, _ = snapshots.load_network(str(tmp_path / name))
+        for key, param in rebuilt.named_parameters():
+            expected = sum(float(w) * dict(net.named_parameters())[key].double() for w, (net, _) in zip(x, loaded))
+            torch.testing.assert_close(param, expected.float(), rtol=3e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize('args, message', [

@@ -154,7 +154,7 @@ def test_make_demo_commands_run(shapes_zip, tmp_path, subprocess_env, repo_root)
                 f'--outdir={outdir / "samples"}', f'--network={snapshots[-1]}'] + sample_flags + ['--steps=4']
     (code, output), = run_all([generate], subprocess_env, 120)
     assert code == 0, output
-    assert (outdir / 'samples' / 'grid.png').is_file()
+    assert (outdir / 'samples-grid.png').is_file()
 
 
 def test_transfer_starts_from_the_snapshot(readme_run, shapes_zip, tmp_path, subprocess_env):

@@ -58,14 +58,15 @@ def build_config(options, dataset):
         c.augment_kwargs = dnnlib.EasyDict(p=opts.augment, **augment.EDM_AUGMENT_KWARGS)
         c.network_kwargs.augment_dim = augment.AugmentPipe(**c.augment_kwargs).label_dim
     c.patch_kwargs = dnnlib.EasyDict(real_p=opts.real_p, progressive=opts.progressive)
-    if not opts.train_on_latents:   # the shape the network sees is known (raw images for latents: after the VAE)
-        multiple = input_multiple(c.network_kwargs)
-        shape = tuple(dataset.image_shape[1:])
-        patching.check_image_shape(shape, multiple, 'latents' if dataset.is_latent else 'images')
-        patching.PatchSchedule(shape, opts.real_p, latent=latent, multiple=multiple)   # ValueError if too small
+    if opts.batch_mult != 'formula':   # only then: the options of earlier runs stay as they were
+        c.patch_kwargs.batch_mult = opts.batch_mult
     c.latent_kwargs = None
     if latent:   # a pre-encoded archive records its VAE; raw images are encoded with these
         c.latent_kwargs = dnnlib.EasyDict(vae=opts.vae, scale_factor=opts.scale_factor)
+    if not opts.train_on_latents:   # the shape the network sees is known (raw images for latents: after the VAE)
+        patching.check_image_shape(tuple(dataset.image_shape[1:]), input_multiple(c.network_kwargs),
+                                   'latents' if dataset.is_latent else 'images')
+        patch_schedule(c, dataset)   # ValueError if the images are too small for the patch sizes
     c.performance_kwargs = dnnlib.EasyDict(precision='bf16' if opts.bf16 else 'fp32',
                                            channels_last=opts.channels_last,
                                            compile_kwargs=dnnlib.EasyDict(dynamic=False) if opts.compile else None)
@@ -79,9 +80,21 @@ def build_config(options, dataset):
         c.metric_kwargs = dnnlib.EasyDict(ref=metric_refs(opts), num=opts.metric_num)
         if opts.metric_dinov2:
             c.metric_kwargs.dinov2 = opts.metric_dinov2
+        if opts.metric_detector:
+            c.metric_kwargs.detector = opts.metric_detector
     if opts.transfer:
         c.transfer_pkl = opts.transfer
     return c
+
+
+def patch_schedule(c, dataset):
+    """The patch sizes, probabilities and multipliers (training.patching.PatchSchedule, its
+    draws aside) that the Trainer uses for resolved options `c` on `dataset`, without building
+    the network; None for raw images trained on latents (their shape is the VAE's to say)."""
+    if c.latent_kwargs is not None and not dataset.is_latent:
+        return None
+    return patching.PatchSchedule(tuple(dataset.image_shape[1:]), latent=c.latent_kwargs is not None,
+                                  multiple=input_multiple(c.network_kwargs), **c.patch_kwargs)
 
 
 def network_kwargs(opts):
@@ -93,7 +106,10 @@ def network_kwargs(opts):
             kwargs[key] = opts[flag]
     if 'token_size' in kwargs:   # train.py's --token-size is a choice of the strings '2', '4', '8'
         kwargs.token_size = int(kwargs.token_size)
-    kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16, use_pos=opts.use_pos, pos_freqs=opts.pos_freqs,
+    dropout = opts.dropout
+    if dropout is None:
+        dropout = flags.DEFAULT_DROPOUT['dit' if kwargs.model_type == 'DiT' else 'unet']
+    kwargs.update(dropout=dropout, use_fp16=opts.fp16, use_pos=opts.use_pos, pos_freqs=opts.pos_freqs,
                   implicit_mlp=opts.implicit_mlp)
     if opts.label_dropout:
         kwargs.label_dropout = opts.label_dropout
@@ -172,9 +188,14 @@ def _check_metric_flags(opts):
             raise ValueError(f'--metrics={",".join(opts.metrics)} needs --metric-ref=NPZ|URL[,...] (reference '
                              f'statistics from fid.py ref, one per metric, in the same order)')
         metric_refs(opts)
-    if opts.metric_dinov2 and 'fd_dinov2' not in (opts.metrics or ()):
-        raise ValueError('--metric-dinov2 is the model of --metrics=fd_dinov2; add fd_dinov2 to --metrics or leave '
-                         '--metric-dinov2 out')
+    for flag, value, what, metric in (('--metric-dinov2', opts.metric_dinov2, 'model', 'fd_dinov2'),
+                                      ('--metric-detector', opts.metric_detector, 'detector', 'fid')):
+        if value and metric not in (opts.metrics or ()):
+            raise ValueError(f'{flag} is the {what} of --metrics={metric}; add {metric} to --metrics or leave '
+                             f'{flag} out')
+    if opts.metric_ref and not opts.metrics:
+        raise ValueError('--metric-ref is the reference of --metrics; add --metrics=fid (or fd_dinov2) or leave '
+                         '--metric-ref out')
 
 
 def _check_architecture_flags(opts):

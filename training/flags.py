@@ -17,12 +17,15 @@ import click
 
 import dnnlib
 from evaluation import dinov2, metrics
-from training import architectures, latents, presets
+from training import architectures, latents, patching, presets
 
 # --precond: the preconditioning and loss of each name. 'pedm' is the official code's name of EDM's
 # preconditioning with coordinate channels (its default); here every preconditioning takes the
 # coordinate channels unless --use_pos=0, so 'pedm' and 'edm' are the same.
 PRECONDS = {'edm': 'edm', 'pedm': 'edm', 'vp': 'vp', 've': 've'}
+
+# --dropout when left out: EDM's for a UNet, the DiT paper's for a DiT (config.network_kwargs).
+DEFAULT_DROPOUT = dict(unet=0.13, dit=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +108,11 @@ FLAGS = (
          help=f'Latent scale factor for --train_on_latents on raw images  [default: {latents.DEFAULT_SCALE_FACTOR}]'),
     Flag('progressive', ('--progressive',), metavar='BOOL', type=bool, default=False,
          keys=('patch_kwargs.progressive',),
-         help='Patch sizes in increasing order instead of random'),
+         help='Patch sizes in increasing order instead of random, switching at whole kimg as the official code'),
+    Flag('batch_mult', ('--batch-mult', '--batch_mult'), type=click.Choice(list(patching.BATCH_MULTS)),
+         default='formula', keys=('patch_kwargs.batch_mult',),
+         help='Images per patch step: formula R/P, or the official code\'s table (x8 at R/4 for 128 and 256 px, '
+              'x4 at 64 px patches of 128 px; sides 16-512 only)'),
     Flag('implicit_mlp', ('--implicit_mlp', '--implicit-mlp'), metavar='BOOL', type=bool, default=False,
          keys=('network_kwargs.implicit_mlp',),
          help='1x1-conv MLP on the input and coordinates'),
@@ -155,9 +162,9 @@ FLAGS = (
     Flag('ema_std', ('--ema-std', '--ema_std'), metavar='LIST', type=dnnlib.util.FloatList(), keys=('ema_stds',),
          help='Also keep power-function EMAs of these relative widths, saved with each snapshot, for '
               'reconstruct_phema.py (EDM2\'s post-hoc EMA; docs/EVALUATION.md)'),
-    Flag('dropout', ('--dropout',), metavar='FLOAT', type=click.FloatRange(0, 1), default=0.13,
-         keys=('network_kwargs.dropout',),
-         help='Dropout probability'),
+    Flag('dropout', ('--dropout',), metavar='FLOAT', type=click.FloatRange(0, 1), keys=('network_kwargs.dropout',),
+         help=f'Dropout probability (EDM\'s default for a UNet, the DiT paper\'s for a DiT)  '
+              f'[default: {DEFAULT_DROPOUT["unet"]}; DiT: {DEFAULT_DROPOUT["dit"]}]'),
     Flag('augment', ('--augment',), metavar='FLOAT', type=click.FloatRange(0, 1), default=0.12,
          keys=('augment_kwargs.p',),
          help='Augment probability'),
@@ -220,7 +227,8 @@ FLAGS = (
 
     # I/O-related.
     Flag('desc', ('--desc',), metavar='STR', type=str, cli_only=True,
-         help='String to include in result dir name'),
+         help='String to include in result dir name; it names the run: the same command with another --desc starts '
+              'a new run folder, with the same --desc it resumes that run'),
     Flag('nosubdir', ('--nosubdir',), is_flag=True, cli_only=True,
          help='Do not create a subdirectory for results'),
     Flag('tick', ('--tick',), metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50,
@@ -249,18 +257,22 @@ FLAGS = (
          keys=('metric_kwargs.dinov2',), run_only=True,
          help=f'DINOv2 model of --metrics=fd_dinov2: a Hugging Face Hub id or a folder written by save_pretrained '
               f'(offline machines)  [default: {dinov2.DEFAULT_MODEL}]'),
+    Flag('metric_detector', ('--metric-detector', '--metric_detector'), metavar='PATH|URL', type=str,
+         keys=('metric_kwargs.detector',), run_only=True,
+         help='FID\'s feature detector of --metrics=fid, a TorchScript .pt or a network pickle .pkl, as fid.py '
+              '--detector (offline machines)  [default: EDM\'s Inception-v3, downloaded once into the cache]'),
     Flag('metric_num', ('--metric-num', '--metric_num'), metavar='INT', type=click.IntRange(min=2), default=50000,
          keys=('metric_kwargs.num',), run_only=True,
          help='Images generated for --metrics'),
     Flag('seed', ('--seed',), metavar='INT', type=click.IntRange(min=0), default=0, shown=False,
          keys=('seed',), copied=True,
-         help='Random seed  [default: random; a resumed run keeps its own]'),
+         help='Random seed, recorded in training_options.json  [default: random; a resumed run keeps its own]'),
     Flag('transfer', ('--transfer',), metavar='PKL|SAFETENSORS|URL', type=str, keys=('transfer_pkl',), run_only=True,
          help='Transfer learning from a network snapshot: a path, an http(s) URL or a Hugging Face Hub file '
               'hf://OWNER/REPO/FILE'),
     Flag('resume', ('--resume',), metavar='PT', type=str, cli_only=True,
-         help='Resume from this training state (training-state-*.pt) in a new run folder; without it, the same '
-              'command resumes its own run'),
+         help='Resume from this training state (training-state-*.pt) in a new run folder, with its seed unless '
+              '--seed; without it, the same command resumes its own run'),
     Flag('dry_run', ('-n', '--dry-run', '--dry_run'), is_flag=True, cli_only=True,
          help='Print the resolved options and the run folder, and whether the run would resume, then exit'),
 )
@@ -278,8 +290,9 @@ def click_options(fn):
 
 
 def flag_of_key(key):
-    """The Flag that sets dotted key `key` of the resolved options (or a key above it), or None."""
+    """The Flag that sets dotted key `key` of the resolved options (or a key above it), or the
+    command's flag of that name recorded beside them (--desc: training.runs), or None."""
     for flag in FLAGS:
         if any(key == k or key.startswith(k + '.') for k in flag.keys):
             return flag
-    return None
+    return next((flag for flag in FLAGS if flag.cli_only and flag.name == key), None)

@@ -9,6 +9,8 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training.dataset import IMAGE_EXTENSIONS   # what fid.py and train.py read from a folder
+
 
 def to_uint8(images):
     """[-1, 1] float images -> uint8 [0, 255], rounded as EDM (x * 127.5 + 128, truncated)."""
@@ -20,6 +22,26 @@ def image_path(outdir, seed, subdirs=False):
     """outdir/{seed:06d}.png, or outdir/{seed - seed % 1000:06d}/{seed:06d}.png with subdirs."""
     folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
     return os.path.join(folder, f'{seed:06d}.png')
+
+
+def other_images(outdir, paths):
+    """The image files under the folder `outdir` (sorted, subfolders included) other than `paths`."""
+    if not os.path.isdir(outdir):
+        return []
+    expected = {os.path.normpath(path) for path in paths}
+    found = (os.path.normpath(os.path.join(root, name)) for root, _dirs, names in os.walk(outdir) for name in names
+             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+    return sorted(path for path in found if path not in expected)
+
+
+def grid_path(outdir):
+    """Where generate.py --grid writes its grid: OUTDIR-grid.png, beside the
+    image folder rather than in it, so that the folder holds one PNG per seed,
+    which is what fid.py calc (and every other FID tool) reads."""
+    folder = os.path.normpath(outdir)
+    if os.path.basename(folder) in ('', '.', '..'):   # '.', '..', '/': name the grid after the folder itself
+        folder = os.path.abspath(folder)
+    return f'{folder}-grid.png'
 
 
 def _to_pil(image):

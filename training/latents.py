@@ -26,6 +26,7 @@ DataLoader workers. diffusers is imported only when a VAE is loaded.
 import functools
 import os
 import re
+import warnings
 
 import torch
 
@@ -71,9 +72,18 @@ def _load_vae(id_or_dir, device):
     _check_vae_location(id_or_dir)
     autoencoder_class = _autoencoder_class()
     where = 'folder' if os.path.isdir(id_or_dir) else 'hub id'
+    unavailable = None if where == 'folder' else dnnlib.util.hub_unavailable()   # within seconds, not retries
     try:
-        vae = autoencoder_class.from_pretrained(id_or_dir, low_cpu_mem_usage=False)
+        with warnings.catch_warnings():   # diffusers passes huggingface_hub an argument it deprecated
+            warnings.filterwarnings('ignore', message='The `local_dir_use_symlinks` argument is deprecated')
+            vae = autoencoder_class.from_pretrained(id_or_dir, low_cpu_mem_usage=False,
+                                                    local_files_only=unavailable is not None)
     except Exception as err:   # whatever diffusers or the hub client raise for a bad folder or id
+        if unavailable:
+            raise ValueError(dnnlib.util.hub_model_missing(
+                f'the VAE from hub id {id_or_dir}', unavailable, f'on a machine that has a network save it with '
+                f'AutoencoderKL.from_pretrained("{id_or_dir}").save_pretrained(DIR) and give that folder '
+                f'(--vae=DIR)')) from err
         fix = ('check the folder' if where == 'folder' else
                'check the id and the connection to the Hugging Face hub, or give a save_pretrained folder')
         raise ValueError(' '.join(f'Cannot load the VAE from {where} {id_or_dir} ({type(err).__name__}: {err}); '

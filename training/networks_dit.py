@@ -25,11 +25,10 @@ class Dense(torch.nn.Module):
     """A fully connected layer, [..., in_features] -> [..., out_features] in
     x.dtype, with torch.nn.Linear's parameters (weight [out, in], bias [out]).
 
-    Drawn from the global torch RNG in the order of EDM's layers, so that a
-    seed gives the same DiT as it always did: the weight uniform in
-    +-sqrt(6 / (in + out)) (Xavier, as the DiT paper) times `gain` (0 for
-    adaLN-Zero's zero layers), or N(0, normal_std^2) when normal_std is
-    given; the bias zero.
+    Drawn from the global torch RNG, the weight then the (zeroed) bias as
+    EDM's layers draw them: the weight uniform in +-sqrt(6 / (in + out))
+    (Xavier, as the DiT paper) times `gain` (0 for adaLN-Zero's zero
+    layers), or N(0, normal_std^2) when normal_std is given; the bias zero.
     """
 
     def __init__(self, in_features, out_features, bias=True, gain=1, normal_std=None):
@@ -163,8 +162,9 @@ class DiTBlock(torch.nn.Module):
         x = x + gate_m * MLP(LN(x) * (1 + scale_m) + shift_m)
 
     Attention: multi-head self-attention over the T tokens (qkv, proj); MLP:
-    D -> mlp_ratio D -> D with tanh-approximated GELU. `dropout` drops
-    elements of each branch's output while training.
+    D -> int(mlp_ratio D) -> D with tanh-approximated GELU (mlp_ratio an int
+    or a float, as the DiT code's 4.0). `dropout` drops elements of each
+    branch's output while training.
     """
 
     def __init__(self, channels, num_heads, mlp_ratio=4, dropout=0):
@@ -174,8 +174,9 @@ class DiTBlock(torch.nn.Module):
         self.affine = Dense(channels, 6 * channels, gain=0)
         self.qkv = Dense(channels, 3 * channels)
         self.proj = Dense(channels, channels)
-        self.fc0 = Dense(channels, mlp_ratio * channels)
-        self.fc1 = Dense(mlp_ratio * channels, channels)
+        hidden = int(channels * mlp_ratio)
+        self.fc0 = Dense(channels, hidden)
+        self.fc1 = Dense(hidden, channels)
 
     def forward(self, x, emb):
         """x [N, T, D] tokens, emb [N, D] = SiLU(c) -> [N, T, D]."""
@@ -240,7 +241,7 @@ class DiT(torch.nn.Module):
                  num_blocks=12,                  # DiT blocks, the depth (S, B: 12, L: 24, XL: 28).
                  num_heads=6,                    # Attention heads (S: 6, B: 12, L, XL: 16).
                  token_size=2,                   # Side p of a token in pixels (the paper's patch size 2, 4, 8).
-                 mlp_ratio=4,                    # MLP width = mlp_ratio * D.
+                 mlp_ratio=4,                    # MLP width = int(mlp_ratio * D) (an int or a float).
                  noise_channels=256,             # Width of the sin/cos noise-level embedding.
                  dropout=0,                      # Dropout probability of the blocks' branches.
                  label_dropout=0,                # Probability of dropping class labels (classifier-free guidance).
@@ -265,9 +266,9 @@ class DiT(torch.nn.Module):
         self.label_dropout = label_dropout
         # Tokens, and the conditioning c [N, D].
         self.patchify = Dense(in_channels * token_size ** 2, model_channels)
-        self.map_noise = NoiseEmbedding(noise_channels)
-        self.map_layer0 = Dense(noise_channels, model_channels)
-        self.map_layer1 = Dense(model_channels, model_channels)
+        self.map_noise = NoiseEmbedding(noise_channels)   # its MLP's weights ~ N(0, 0.02^2), as the DiT code's
+        self.map_layer0 = Dense(noise_channels, model_channels, normal_std=0.02)
+        self.map_layer1 = Dense(model_channels, model_channels, normal_std=0.02)
         self.map_label = None
         if label_dim:   # the table's entries ~ N(0, 0.02^2)
             self.map_label = Dense(label_dim + 1, model_channels, bias=False, normal_std=0.02)

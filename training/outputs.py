@@ -48,6 +48,8 @@ class TickReporter:
         training_stats.report0('Progress/kimg', cur_nimg / 1e3)
         training_stats.report0('Progress/bad_steps', bad_steps)
         training_stats.report0('Timing/total_sec', now - self.start_time)
+        training_stats.report0('Timing/total_hours', (now - self.start_time) / (60 * 60))       # as EDM
+        training_stats.report0('Timing/total_days', (now - self.start_time) / (24 * 60 * 60))
         training_stats.report0('Timing/sec_per_tick', tick_time)
         training_stats.report0('Timing/sec_per_kimg', tick_time / max(cur_nimg - self.tick_start_nimg, 1) * 1e3)
         training_stats.report0('Timing/maintenance_sec', self.maintenance_time)
@@ -95,10 +97,11 @@ class TickReporter:
 
 
 def _tensorboard_writer(run_dir):
-    """A TensorBoard SummaryWriter for run_dir, or None when tensorboard is not installed."""
+    """A TensorBoard SummaryWriter for run_dir, or None (and a notice) when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter   # optional dependency
     except ImportError:
+        print('Note: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)')
         return None
     return SummaryWriter(run_dir)
 

@@ -13,7 +13,9 @@ Conventions (shapes are (height, width); a square of side R is (R, R))
 - Batch multiplier m = floor(sqrt(H W / (h w))): a step at patch h x w uses
   m times the full-image batch, so its pixels are m h w <= sqrt(H W h w) <=
   H W, at most those of a full step. For squares m = R / P: the official
-  table at R = 64 (32 -> 2x, 16 -> 4x) and every power-of-two resolution.
+  table at 64 and 512 px (and for latents of side 32 and 64), not at 128
+  and 256 px, where the official code takes 2 R/P at R/4, and at 128 px
+  also at R/2 (batch_mult='official' takes its table, OFFICIAL_BATCH_TABLE).
 - Image accounting: a step adds the images it used, batch * m, to the
   progress counter (batch * E[m] on average).
 - Each side of a patch is at least PATCH_FLOOR pixels; an image too small for
@@ -31,6 +33,11 @@ import torch
 from training.networks import coordinate_values, full_grid, image_shape, patch_grid  # noqa: F401 (part of this API)
 
 PATCH_FLOOR = 8
+
+# The official code's batch multipliers: a step at side P of images of side R takes
+# OFFICIAL_BATCH_TABLE[P] // OFFICIAL_BATCH_TABLE[R] times the batch (squares of these sides only).
+OFFICIAL_BATCH_TABLE = {512: 1, 256: 2, 128: 4, 64: 16, 32: 32, 16: 64}
+BATCH_MULTS = ('formula', 'official')   # train.py --batch-mult
 
 
 def patch_sizes(resolution, latent=False, multiple=1):
@@ -59,6 +66,20 @@ def batch_multiplier(resolution, patch_size):
     an int side or (height, width)."""
     (height, width), (h, w) = image_shape(resolution), image_shape(patch_size)
     return max(1, math.isqrt(height * width // (h * w)))
+
+
+def official_batch_multiplier(resolution, patch_size):
+    """The official code's multiplier OFFICIAL_BATCH_TABLE[P] // OFFICIAL_BATCH_TABLE[R]
+    (e.g. R = 128: 4 at P = 64, 8 at P = 32; R = 256: 2 at 128, 8 at 64).
+    ValueError for sides the table lacks, or a rectangle."""
+    (height, width), (h, w) = image_shape(resolution), image_shape(patch_size)
+    table = OFFICIAL_BATCH_TABLE
+    if height != width or h != w or height not in table or h not in table:
+        sides = ', '.join(str(side) for side in sorted(table))
+        raise ValueError(f'--batch-mult=official: the official code\'s table has multipliers for square images '
+                         f'and patches of sides {sides} only, not {size_label((h, w))} px patches of '
+                         f'{size_label((height, width))} px images; use --batch-mult=formula (R/P)')
+    return table[h] // table[height]
 
 
 def size_label(size):
@@ -98,10 +119,15 @@ class PatchSchedule:
                      the same on every rank, so all ranks do equal work.
         multiple:    patch sides are multiples of this (the network's input
                      multiple: 2^(levels - 1) for a UNet).
+        batch_mult:  'formula': m = `batch_multiplier` (R/P for squares);
+                     'official': the official code's table
+                     (`official_batch_multiplier`; ValueError where it has
+                     no entry).
     `sizes`: see `patch_sizes` (int sides for square images, (h, w) otherwise).
     """
 
-    def __init__(self, resolution, real_p, latent=False, progressive=False, seed=0, multiple=1):
+    def __init__(self, resolution, real_p, latent=False, progressive=False, seed=0, multiple=1,
+                 batch_mult='formula'):
         if not 0 <= real_p <= 1:
             raise ValueError(f'real_p must be in [0, 1], got {real_p}')
         self.shape = image_shape(resolution)
@@ -118,7 +144,10 @@ class PatchSchedule:
                 f'{", ".join(size_label(s) for s in sizes)} (every side of a patch must be at least '
                 f'{max(PATCH_FLOOR, multiple)} pixels): use images whose shorter side is at least {smallest}, '
                 f'or --real_p=1 (full images only)')
-        self.multipliers = [batch_multiplier(self.shape, s) for s in self.sizes]
+        if batch_mult not in BATCH_MULTS:
+            raise ValueError(f'batch_mult={batch_mult!r}: choose one of {", ".join(BATCH_MULTS)}')
+        self.batch_mult = batch_mult
+        self.multipliers = [self.multiplier(s) for s in self.sizes]
         self.expected_multiplier = float(np.dot(self.probs, self.multipliers))
         self.progressive = progressive
         self.seed = int(seed)
@@ -132,10 +161,11 @@ class PatchSchedule:
         return self.shape[0]
 
     def draw(self, step, progress=0.0):
-        """Patch size of training step `step` (one of `sizes`); `progress` in [0, 1] is the
-        fraction of the training images seen before the step (used by the
-        progressive schedule: the first size whose cumulative share is >= the
-        progress, as the official code switches)."""
+        """Patch size of training step `step` (one of `sizes`); `progress` in
+        [0, 1] is the share of the training done before the step
+        (`training_progress`), used by the progressive schedule: the first
+        size whose cumulative share is >= the progress, as the official code
+        switches."""
         if self.progressive:
             index = int(np.searchsorted(self._cum_probs, progress, side='left'))
         else:
@@ -144,10 +174,30 @@ class PatchSchedule:
         return self.sizes[min(index, len(self.sizes) - 1)]
 
     def multiplier(self, patch_size):
+        """Images per step at `patch_size`, relative to a full-image step."""
+        if self.batch_mult == 'official':
+            return official_batch_multiplier(self.shape, patch_size)
         return batch_multiplier(self.shape, patch_size)
+
+    def merge_limit(self, patch_size):
+        """How many accumulation rounds a step at `patch_size` may merge into
+        one without its patches outgrowing a full round's pixels: the most g
+        with g m h w <= H W, at most m (= m for the formula's multipliers)."""
+        (height, width), (h, w) = self.shape, image_shape(patch_size)
+        m = self.multiplier(patch_size)
+        return max(1, min(m, height * width // (m * h * w)))
 
     def describe(self):
         return ', '.join(f'{size_label(s)}px: p={q:.3f} x{m}' for s, q, m in zip(self.sizes, self.probs, self.multipliers))
+
+
+def training_progress(nimg, total_nimg):
+    """The share of the training done before a step, as the official code
+    measures it for the progressive schedule: whole kimg over the duration in
+    kimg, (nimg // 1000) / (total_nimg / 1000), so a phase ends only at a
+    step whose whole kimg exceed its cumulative share (with an integer
+    duration in kimg, the same float as the official code's)."""
+    return (int(nimg) // 1000) / (total_nimg / 1000)
 
 
 def random_corners(batch_size, resolution, size, generator=None, device='cpu'):

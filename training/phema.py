@@ -24,7 +24,9 @@ Snapshots of power EMAs at two or more widths and several times span a space
 of profiles; the EMA of another profile (another width, another time, or the
 classic EMA of a half-life) is the combination sum_i x_i theta_i whose
 profile sum_i x_i p_i is nearest to the wanted one in L2: x solves A x = b
-with A_ij = <p_i, p_j> and b_i = <p_i, p_target>.
+with A_ij = <p_i, p_j> and b_i = <p_i, p_target>, then is divided by its
+sum, as EDM2 does, so that the weights sum to 1: the result is an average of
+the snapshots, and a constant added to every weight comes back unchanged.
 """
 
 import copy
@@ -203,12 +205,16 @@ def inner(a, b):
 
 
 def solve_weights(sources, target):
-    """Weights x of the source profiles whose combination is nearest to
-    `target` in L2, and the relative L2 error of that combination's profile
-    ||sum_i x_i p_i - p|| / ||p|| (0: exact)."""
+    """Weights x of the source profiles for `target`, as EDM2 solves them:
+    the least-squares solution of A x = b divided by its sum, so that
+    sum_i x_i theta_i is an average of the snapshots, as every EMA is (the
+    solution alone sums to 0.9-1.0005 with ten snapshot times, and would
+    scale the weights by that). Returns x and the relative L2 error of the
+    profile of that combination, ||sum_i x_i p_i - p|| / ||p|| (0: exact)."""
     A = np.array([[inner(p, q) for q in sources] for p in sources])
     b = np.array([inner(p, target) for p in sources])
     x = np.linalg.lstsq(A, b, rcond=None)[0]
+    x = x / x.sum()
     norm2 = inner(target, target)
     error2 = max(norm2 - 2 * x @ b + x @ A @ x, 0.0)
     return x, math.sqrt(error2 / norm2)

@@ -1,6 +1,8 @@
 """Samplers of the EDM paper (docs/DESIGN.md section 1): time-step
 discretisations, noise schedules sigma(t) and scalings s(t), EDM's stochastic
-Heun sampler and the generalised ablation sampler.
+Heun sampler and the generalised ablation sampler; and DPM-Solver++(2M) and
+its SDE variant on EDM's time steps, which reach Heun's images in fewer
+network evaluations.
 
 The samplers never see a network. They are driven by a denoiser `denoise`
 (training.denoiser.Denoiser, or an analytic one in the tests):
@@ -24,7 +26,8 @@ import torch
 # ----------------------------------------------------------------------------
 # Argument checks shared by the samplers.
 
-SOLVERS = ('euler', 'heun')
+SOLVERS = ('euler', 'heun')                    # the ablation sampler's
+MULTISTEP_SOLVERS = ('dpmpp-2m', 'dpmpp-2m-sde')   # dpm_solver_sampler's
 DISCRETIZATIONS = ('vp', 've', 'iddpm', 'edm')
 SCHEDULES = ('vp', 've', 'linear')
 SCALINGS = ('vp', 'none')
@@ -51,7 +54,7 @@ def _check_sampler_args(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_
         raise ValueError(f'S_churn={S_churn}, S_min={S_min} and S_max={S_max} must be non-negative')
     if not math.isfinite(S_noise):
         raise ValueError(f'S_noise={S_noise!r} must be a finite number')
-    _check_choice('solver', solver, SOLVERS)
+    _check_choice('solver', solver, SOLVERS + MULTISTEP_SOLVERS)
     _check_choice('discretization', discretization, DISCRETIZATIONS)
     _check_choice('schedule', schedule, SCHEDULES)
     _check_choice('scaling', scaling, SCALINGS)
@@ -231,8 +234,16 @@ def default_noise_range(discretization, epsilon_s=1e-3):
 
 
 # ----------------------------------------------------------------------------
-# Samplers. Both take (denoise, latents, randn_like, **settings) and return
+# Samplers. Each takes (denoise, latents, randn_like, **settings) and return
 # float64 [N, C, H, W]; latents are standard normal [N, C, H, W].
+
+
+def _edm_time_steps(denoise, num_steps, sigma_min, sigma_max, rho, device):
+    """EDM's t_0 > ... > t_{N-1} (Eq. 5, in the network's noise range, rounded to
+    levels it supports), then t_N = 0; float64 [N + 1]."""
+    sigma_min, sigma_max = _noise_range(denoise, sigma_min, sigma_max)
+    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device)
+    return torch.cat([denoise.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
 
 
 def edm_sampler(denoise, latents, randn_like=torch.randn_like,
@@ -245,9 +256,7 @@ def edm_sampler(denoise, latents, randn_like=torch.randn_like,
     gamma = min(S_churn / N, sqrt(2) - 1) on steps with S_min <= sigma <= S_max.
     """
     _check_sampler_args(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
-    sigma_min, sigma_max = _noise_range(denoise, sigma_min, sigma_max)
-    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, latents.device)
-    t_steps = torch.cat([denoise.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])   # t_N = 0
+    t_steps = _edm_time_steps(denoise, num_steps, sigma_min, sigma_max, rho, latents.device)
 
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -336,6 +345,68 @@ def ablation_sampler(denoise, latents, randn_like=torch.randn_like,
     return x_next
 
 
+def dpm_solver_sampler(denoise, latents, randn_like=torch.randn_like,
+                       num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, solver='dpmpp-2m', S_noise=1):
+    """DPM-Solver++(2M) (Lu et al., "DPM-Solver++", 2022, Algorithm 2) and its
+    SDE variant (2M SDE, midpoint form) on EDM's time steps t_0 > ... > t_N = 0
+    (the same as `edm_sampler`'s): one network evaluation per step, N in all
+    (Heun: 2N - 1).
+
+    In EDM's x = y + sigma n, with lambda = -ln(sigma), h_i = ln(t_i / t_{i+1})
+    and the denoised D_i = D(x_i; t_i), a step is exact for a D that is
+    linear in lambda over the interval (the exponential integrator):
+
+        ODE:  x_{i+1} = (t_{i+1} / t_i) x_i + (1 - e^-h) (D_i + (D_i - D_{i-1}) / (2 r))
+        SDE:  x_{i+1} = (t_{i+1} / t_i) e^-h x_i + (1 - e^-2h) (D_i + (D_i - D_{i-1}) / (2 r))
+                        + t_{i+1} sqrt(1 - e^-2h) S_noise z,   z ~ N(0, I)
+
+    with r = h_{i-1} / h_i; the first step takes D_i alone (first order) and
+    the last one (t_N = 0) gives x_N = D_{N-1}. The SDE draws z at every step
+    (also the last, unused there), so an image depends on its seed alone.
+    """
+    _check_sampler_args(num_steps, sigma_min, sigma_max, rho, 0, 0, 0, S_noise, solver=solver)
+    if solver not in MULTISTEP_SOLVERS:
+        raise ValueError(f'solver={solver!r}: dpm_solver_sampler runs {", ".join(MULTISTEP_SOLVERS)}')
+    stochastic = solver == 'dpmpp-2m-sde'
+    t_steps = _edm_time_steps(denoise, num_steps, sigma_min, sigma_max, rho, latents.device)
+
+    x = latents.to(torch.float64) * t_steps[0]
+    D_prev, h_prev = None, None
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+        D_x = denoise(x, t_cur)
+        z = randn_like(x) if stochastic else None
+        if t_next == 0:
+            x = D_x
+            continue
+        h = torch.log(t_cur / t_next)
+        D_hat = D_x if D_prev is None else D_x + (D_x - D_prev) * (h / (2 * h_prev))   # (D_i - D_{i-1}) / (2r)
+        if stochastic:
+            x = (t_next / t_cur) * torch.exp(-h) * x - torch.expm1(-2 * h) * D_hat \
+                + t_next * (-torch.expm1(-2 * h)).sqrt() * S_noise * z
+        else:
+            x = (t_next / t_cur) * x - torch.expm1(-h) * D_hat
+        D_prev, h_prev = D_x, h
+    return x
+
+
+def network_evaluations(sampler, kwargs):
+    """Network evaluations per image of `sampler` with `kwargs` (as
+    `select_sampler` returns them): N steps cost N for Euler and the
+    multistep solvers, 2N - 1 for Heun (no correction on the last step)."""
+    settings = {**_sampler_defaults(sampler), **kwargs}
+    single = sampler is dpm_solver_sampler or (sampler is ablation_sampler and settings['solver'] == 'euler')
+    return settings['num_steps'] if single else 2 * settings['num_steps'] - 1
+
+
+def describe(sampler, kwargs):
+    """A few words naming the sampler `select_sampler` chose, for the console."""
+    if sampler is dpm_solver_sampler:
+        return 'DPM-Solver++(2M) SDE' if kwargs['solver'] == 'dpmpp-2m-sde' else 'DPM-Solver++(2M)'
+    if sampler is ablation_sampler:
+        return f'EDM\'s ablation sampler ({kwargs.get("solver", "heun")})'
+    return 'EDM\'s Heun sampler' + (' with churn' if kwargs.get('S_churn') else '')
+
+
 def _parameter_names(fn):
     return list(inspect.signature(fn).parameters)[3:]
 
@@ -343,17 +414,32 @@ def _parameter_names(fn):
 def select_sampler(**sampler_kwargs):
     """Pick the sampler as EDM's generate.py does and check its settings.
 
-    None values are dropped (= the sampler's default). Any of solver,
-    discretization, schedule, scaling selects `ablation_sampler`, otherwise
-    `edm_sampler`. Returns (sampler, kwargs); ValueError for unknown names
-    or values that cannot work.
+    None values are dropped (= the sampler's default). solver='dpmpp-2m' or
+    'dpmpp-2m-sde' selects `dpm_solver_sampler`; otherwise any of solver,
+    discretization, schedule, scaling selects `ablation_sampler`, and none
+    `edm_sampler`. Returns (sampler, kwargs); ValueError for unknown names,
+    values that cannot work, and settings the chosen solver cannot honour.
     """
     kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
-    sampler = ablation_sampler if any(key in kwargs for key in ABLATION_KEYS) else edm_sampler
     unknown = sorted(set(kwargs) - set(_parameter_names(ablation_sampler)))
     if unknown:
         raise ValueError(f'Unknown sampler setting(s) {", ".join(unknown)}; '
                          f'known: {", ".join(_parameter_names(ablation_sampler))}')
+    if kwargs.get('solver') in MULTISTEP_SOLVERS:
+        sampler = dpm_solver_sampler
+        allowed = set(_parameter_names(dpm_solver_sampler)) - ({'S_noise'} if kwargs['solver'] == 'dpmpp-2m' else set())
+        neutral = _sampler_defaults(edm_sampler)   # e.g. S_churn=0: asks for nothing these solvers lack
+        kwargs = {key: value for key, value in kwargs.items() if key in allowed or value != neutral.get(key)}
+        refused = [key for key in kwargs if key not in allowed]
+        if refused:
+            raise ValueError(f'--solver={kwargs["solver"]} runs on EDM\'s time steps and cannot take '
+                             f'{", ".join("--" + key for key in refused)}: leave them out'
+                             + (' (for fresh noise at every step use --solver=dpmpp-2m-sde)'
+                                if kwargs['solver'] == 'dpmpp-2m' else '')
+                             + ', or use --solver=euler|heun for the ablation sampler')
+        _check_sampler_args(**{**_sampler_defaults(edm_sampler), **kwargs})
+        return sampler, kwargs
+    sampler = ablation_sampler if any(key in kwargs for key in ABLATION_KEYS) else edm_sampler
     _check_sampler_args(**{**_sampler_defaults(sampler), **kwargs})
     return sampler, kwargs
 

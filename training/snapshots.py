@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import pickle
+import zipfile
 
 import safetensors.torch
 import torch
@@ -26,6 +27,9 @@ from training.denoiser import make_denoiser, network_info
 
 _REQUIRED_ATTRIBUTES = ('img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
 SNAPSHOT_FORMATS = ('pkl', 'safetensors', 'both')
+# The 'format' entry of a training state (training.runs.save_state): a torch.save archive, never a network file.
+TRAINING_STATE_FORMAT = 'patch-diffusion-state-v1'
+_ZIP_MAGIC = b'PK\x03\x04'
 
 # ----------------------------------------------------------------------------
 # Reading.
@@ -49,6 +53,10 @@ def load_network(path_or_url, device='cpu', verbose=False):
         with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
             head = f.read(9)
             f.seek(0)
+            if head.startswith(_ZIP_MAGIC) and _is_training_state(f):
+                raise ValueError(f'{path_or_url} is a training state, not a network snapshot: pass it to train.py '
+                                 f'--resume; a network is a network-snapshot-*.pkl or .safetensors')
+            f.seek(0)
             if by_name or _looks_like_safetensors(head):
                 net, meta = _network_from_safetensors(f.read(), path_or_url)
             else:
@@ -57,6 +65,24 @@ def load_network(path_or_url, device='cpu', verbose=False):
         kind = '.safetensors snapshot' if by_name else 'network pickle'
         raise ValueError(dnnlib.util.one_line(f'Cannot open the {kind} {path_or_url}: {err}')) from err
     return net.eval().requires_grad_(False).to(device), meta
+
+
+def is_network_file_head(head):
+    """Whether a file starting with the bytes `head` (at least 9) is a network
+    snapshot's kind of file: a pickle or a .safetensors file (a training
+    state is a torch.save zip archive)."""
+    return head[:1] == b'\x80' or _looks_like_safetensors(head)
+
+
+def _is_training_state(f):
+    """Whether the open zip file `f` is a training state: its pickle (tensors
+    aside, small) records TRAINING_STATE_FORMAT."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith('/data.pkl')]
+            return any(TRAINING_STATE_FORMAT.encode() in archive.read(name) for name in pickles[:1])
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _network_from_pickle(f, name):

@@ -150,7 +150,7 @@ class Trainer:
         self.schedule = patching.PatchSchedule(shape, patch_kwargs.get('real_p', 1.0),
                                                latent=self.encoder is not None,
                                                progressive=patch_kwargs.get('progressive', False), seed=seed,
-                                               multiple=multiple)
+                                               multiple=multiple, batch_mult=patch_kwargs.get('batch_mult', 'formula'))
         self.batch_size = batch_size
         self.nimg_per_step = batch_size * self.schedule.expected_multiplier   # images per step on average
         self.total_nimg = max(int(total_kimg * 1000), 1)
@@ -197,16 +197,19 @@ class Trainer:
         value = int(self._last_bad_step.item())
         return None if value < 0 else value
 
-    def round_plan(self, m):
+    def round_plan(self, m, merge=None):
         """(rounds, loader batches per round) of a step with multiplier m.
 
         A full-image round holds batch_gpu images of R x R pixels. A patch
         round may hold m times as many P x P patches in the same pixels
         (m P^2 = R P <= R^2), so g = the largest divisor of num_rounds that is
         <= m rounds are merged into one: fewer, fuller rounds, same images,
-        same loss. E.g. 4 rounds at P = R: 4; at R/2: 2; at R/4: 1.
+        same loss. E.g. 4 rounds at P = R: 4; at R/2: 2; at R/4: 1. `merge`
+        (PatchSchedule.merge_limit) bounds g instead of m where m P^2 > R P
+        (the official multipliers).
         """
-        group = max(g for g in range(1, min(m, self.num_rounds) + 1) if self.num_rounds % g == 0)
+        limit = min(merge or m, self.num_rounds)
+        group = max(g for g in range(1, limit + 1) if self.num_rounds % g == 0)
         return self.num_rounds // group, m * group
 
     def start_data(self, consumed=0):
@@ -293,11 +296,11 @@ class Trainer:
         step, device, nimg = self.step_count, self.device, self.cur_nimg   # nimg: images before this step
         torch.manual_seed(step_seed(self.seed, self.rank, step))
         corner_gen = torch.Generator().manual_seed(step_seed(self.seed + 1, self.rank, step))
-        P = self.schedule.draw(step, nimg / self.total_nimg)   # the same on every rank
+        P = self.schedule.draw(step, patching.training_progress(nimg, self.total_nimg))   # the same on every rank
         m = self.schedule.multiplier(P)
         step_nimg = self.batch_size * m
         self.optimizer.zero_grad(set_to_none=True)
-        rounds, batches_per_round = self.round_plan(m)
+        rounds, batches_per_round = self.round_plan(m, self.schedule.merge_limit(P))
         for round_idx in range(rounds):
             with misc.ddp_sync(self.ddp, round_idx == rounds - 1), self._out_of_memory_says_what(P, round_idx, rounds,
                                                                                             batches_per_round):
@@ -399,7 +402,7 @@ def training_loop(
             _print_network_summary(trainer)
         reporter = None
         try:
-            cur_tick = _start(trainer, transfer_pkl, resume_state, accept_changed_data)
+            cur_tick = _start(trainer, transfer_pkl, resume_state, accept_changed_data, run_dir)
             writer = dict(run_dir=run_dir, snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks,
                           sample_count=sample_count, metrics=metrics, metric_kwargs=metric_kwargs,
                           snapshot_format=snapshot_format, dataset_kwargs=trainer_kwargs.get('dataset_kwargs') or {},
@@ -455,7 +458,7 @@ def _train(trainer, reporter, cur_tick, stopper, kimg_per_tick, max_bad_steps, s
             return
 
 
-def _start(trainer, transfer_pkl, resume_state, accept_changed_data=False):
+def _start(trainer, transfer_pkl, resume_state, accept_changed_data=False, run_dir='.'):
     """Transfer weights and/or load a training state; start the data. Returns the tick to start at."""
     if transfer_pkl is not None:
         copied, missing = snapshots.transfer_weights(transfer_pkl, trainer.net)
@@ -468,6 +471,7 @@ def _start(trainer, transfer_pkl, resume_state, accept_changed_data=False):
     dist.print0(f'Resuming from "{resume_state}"...')
     state = runs.load_state(resume_state)
     trainer.check_data(state, accept_changed_data)
+    runs.check_state_fits(state, trainer.net, resume_state, run_dir)   # names the options that differ
     trainer.load_state_dict(state)
     return int(state['cur_tick'])
 
