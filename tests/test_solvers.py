@@ -39,8 +39,9 @@ def _diffusers_sample(denoise, z, num_steps, algorithm, generator=None):
     time steps (float64) replace its float32 ones, and the network output it
     expects is the one whose EDM preconditioning gives our D."""
     diffusers = pytest.importorskip('diffusers')
+    sigma_min, sigma_max = samplers._noise_range(denoise, 0.002, 80)
     scheduler = diffusers.EDMDPMSolverMultistepScheduler(
-        sigma_min=denoise.sigma_min, sigma_max=denoise.sigma_max, sigma_data=0.5, rho=7, solver_order=2,
+        sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=0.5, rho=7, solver_order=2,
         algorithm_type=algorithm, solver_type='midpoint', lower_order_final=False, final_sigmas_type='zero')
     scheduler.set_timesteps(num_steps)
     scheduler.sigmas = samplers._edm_time_steps(denoise, num_steps, 0.002, 80, 7, 'cpu')
@@ -58,6 +59,25 @@ def test_dpmpp_2m_equals_diffusers(num_steps):
     denoise, z = RandomNetDenoiser(), _normal([4, 3, 5, 5])
     ours = samplers.dpm_solver_sampler(denoise, z, num_steps=num_steps, solver='dpmpp-2m')
     theirs = _diffusers_sample(denoise, z, num_steps, 'dpmsolver++')
+    assert (ours - theirs).abs().max() < 1e-5 * ours.abs().max()
+
+
+@pytest.mark.parametrize('solver, algorithm', [('dpmpp-2m', 'dpmsolver++'), ('dpmpp-2m-sde', 'sde-dpmsolver++')])
+def test_on_a_real_network_equals_diffusers(solver, algorithm):
+    """The same comparison through a network's Denoiser (a tiny DDPM++ with coordinates)."""
+    from training import architectures, denoiser
+    torch.manual_seed(0)
+    net = architectures.build_network(dict(precond='edm', model_type='SongUNet', model_channels=8, channel_mult=[1],
+                                           num_blocks=1, attn_resolutions=[], dropout=0, use_pos=True), 8, 3, 0)
+    with torch.no_grad():
+        for p in net.parameters():   # no zero-initialised layers: D depends on the network
+            p.add_(torch.randn_like(p) * 0.1)
+    denoise = denoiser.make_denoiser(net.eval(), region=denoiser.sampling_region(net))
+    z = _normal([2, 3, 8, 8])
+    ours_noise = torch.Generator().manual_seed(4)
+    ours = samplers.dpm_solver_sampler(denoise, z, lambda x: torch.randn(x.shape, generator=ours_noise, dtype=x.dtype),
+                                       num_steps=6, solver=solver)
+    theirs = _diffusers_sample(denoise, z, 6, algorithm, torch.Generator().manual_seed(4))
     assert (ours - theirs).abs().max() < 1e-5 * ours.abs().max()
 
 
