@@ -364,6 +364,24 @@ def hub_model_missing(what, reason, save_hint):
     return f'Cannot load {what}: it is not in the Hugging Face cache ({cache}) and {reason}; {fix}, or {save_hint}'
 
 
+def load_pretrained(load, what, where, from_hub, save_hint, fix):
+    """`load(local_files_only)`, a diffusers or transformers `from_pretrained`
+    of `what` (e.g. 'the VAE') at `where` ('folder PATH' or 'Hub id
+    OWNER/NAME'). From the Hub (`from_hub`), the Hub is probed first
+    (hub_unavailable: seconds, not half a minute of retries) and, when it may
+    not be asked, only the cache is read. Any failure is one ValueError line:
+    with `save_hint` (how to save a copy to a folder, and where to give it)
+    when the Hub could not be asked, else with `fix`."""
+    unavailable = hub_unavailable() if from_hub else None
+    try:
+        return load(local_files_only=unavailable is not None)
+    except Exception as err:   # whatever the library or the Hub client raise for a bad folder or id
+        if unavailable:
+            raise ValueError(hub_model_missing(f'{what} from {where}', unavailable, save_hint)) from err
+        raise ValueError(' '.join(f'Cannot load {what} from {where} ({type(err).__name__}: {err}); {fix}'.split())) \
+            from err
+
+
 def download_hf(url):
     """The local path of the file at Hub address `url` in the Hugging Face
     cache, downloaded first unless it is there (see the comment above).

@@ -109,25 +109,18 @@ def load_dinov2(id_or_dir=DEFAULT_MODEL, device='cpu'):
     if not is_folder and (os.path.exists(id_or_dir) or looks_local):
         raise ValueError(f'DINOv2 model {id_or_dir}: no such folder; give a folder written by save_pretrained or a '
                          f'Hugging Face Hub id such as {DEFAULT_MODEL}')
-    where = 'folder' if is_folder else 'Hub id'
-    unavailable = None if is_folder else dnnlib.util.hub_unavailable()   # within seconds, not retries
-    try:
-        model, info = Dinov2Model.from_pretrained(id_or_dir, output_loading_info=True,
-                                                  local_files_only=unavailable is not None)
-    except Exception as err:   # whatever transformers or the Hub client raise for a bad folder or id
-        if unavailable:
-            raise ValueError(dnnlib.util.hub_model_missing(
-                f'the DINOv2 model from Hub id {id_or_dir}', unavailable, f'on a machine that has a network save it with '
-                f'Dinov2Model.from_pretrained("{id_or_dir}").save_pretrained(DIR) and give that folder: '
-                f'fid.py --dinov2=DIR, train.py --metric-dinov2=DIR')) from None
-        fix = ('check the folder' if is_folder else
-               'check the id and the connection to the Hugging Face Hub, or copy the model on a machine that has '
-               'one (Dinov2Model.from_pretrained(ID).save_pretrained(DIR)) and give that folder: fid.py --dinov2=DIR, '
-               'train.py --metric-dinov2=DIR')
-        raise ValueError(' '.join(f'Cannot load the DINOv2 model from {where} {id_or_dir} ({type(err).__name__}: '
-                                  f'{err}); {fix}'.split())) from None
+    fix = ('check the folder' if is_folder else
+           'check the id and the connection to the Hugging Face Hub, or copy the model on a machine that has '
+           'one (Dinov2Model.from_pretrained(ID).save_pretrained(DIR)) and give that folder: fid.py --dinov2=DIR, '
+           'train.py --metric-dinov2=DIR')
+    save_hint = (f'on a machine that has a network save it with Dinov2Model.from_pretrained("{id_or_dir}")'
+                 f'.save_pretrained(DIR) and give that folder: fid.py --dinov2=DIR, train.py --metric-dinov2=DIR')
+    where = f'{"folder" if is_folder else "Hub id"} {id_or_dir}'
+    model, info = dnnlib.util.load_pretrained(
+        lambda **kwargs: Dinov2Model.from_pretrained(id_or_dir, output_loading_info=True, **kwargs),
+        'the DINOv2 model', where, not is_folder, save_hint, fix)
     missing = sorted(info['missing_keys'])
     if missing:
-        raise ValueError(f'The DINOv2 model in {where} {id_or_dir} has no weights for {len(missing)} parameters '
+        raise ValueError(f'The DINOv2 model in {where} has no weights for {len(missing)} parameters '
                          f'(e.g. {missing[0]}); give a complete model (Dinov2Model.save_pretrained)')
     return DINOv2Features(model.to(torch.float32)).to(torch.device(device))

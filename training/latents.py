@@ -71,23 +71,18 @@ def _check_vae_location(id_or_dir):
 def _load_vae(id_or_dir, device):
     _check_vae_location(id_or_dir)
     autoencoder_class = _autoencoder_class()
-    where = 'folder' if os.path.isdir(id_or_dir) else 'hub id'
-    unavailable = None if where == 'folder' else dnnlib.util.hub_unavailable()   # within seconds, not retries
-    try:
+    is_folder = os.path.isdir(id_or_dir)
+
+    def load(**kwargs):
         with warnings.catch_warnings():   # diffusers passes huggingface_hub an argument it deprecated
             warnings.filterwarnings('ignore', message='The `local_dir_use_symlinks` argument is deprecated')
-            vae = autoencoder_class.from_pretrained(id_or_dir, low_cpu_mem_usage=False,
-                                                    local_files_only=unavailable is not None)
-    except Exception as err:   # whatever diffusers or the hub client raise for a bad folder or id
-        if unavailable:
-            raise ValueError(dnnlib.util.hub_model_missing(
-                f'the VAE from hub id {id_or_dir}', unavailable, f'on a machine that has a network save it with '
-                f'AutoencoderKL.from_pretrained("{id_or_dir}").save_pretrained(DIR) and give that folder '
-                f'(--vae=DIR)')) from err
-        fix = ('check the folder' if where == 'folder' else
-               'check the id and the connection to the Hugging Face hub, or give a save_pretrained folder')
-        raise ValueError(' '.join(f'Cannot load the VAE from {where} {id_or_dir} ({type(err).__name__}: {err}); '
-                                  f'{fix}'.split())) from err
+            return autoencoder_class.from_pretrained(id_or_dir, low_cpu_mem_usage=False, **kwargs)
+    fix = ('check the folder' if is_folder else
+           'check the id and the connection to the Hugging Face hub, or give a save_pretrained folder')
+    save_hint = (f'on a machine that has a network save it with AutoencoderKL.from_pretrained("{id_or_dir}")'
+                 f'.save_pretrained(DIR) and give that folder (--vae=DIR)')
+    vae = dnnlib.util.load_pretrained(load, 'the VAE', f'{"folder" if is_folder else "hub id"} {id_or_dir}',
+                                      not is_folder, save_hint, fix)
     return vae.eval().requires_grad_(False).to(device)
 
 
