@@ -212,7 +212,7 @@ def choose_run(outdir, c, desc, resume=None, nosubdir=False, seed_given=True, us
     ValueError if --resume names no training state, --nosubdir's folder
     holds a run with other options, or --nosubdir comes with --desc.
     """
-    found, note, seed, differences = None, None, c['seed'], []
+    found, note, seed, differences, state = None, None, c['seed'], [], None
     if nosubdir and user_desc:
         raise ValueError('--desc names a new run folder NNNNN-<desc>, which --nosubdir does not make; leave one '
                          'of them out')
@@ -240,7 +240,8 @@ def choose_run(outdir, c, desc, resume=None, nosubdir=False, seed_given=True, us
     run.resume_differences = differences
     run.complete_kimg = None
     if run.resume_state is not None:
-        nimg = load_state(run.resume_state, mmap=True).get('nimg')
+        state = state if resume else load_state(run.resume_state, mmap=True)   # --resume's was read above
+        nimg = state.get('nimg')
         if nimg is not None and int(nimg) >= max(int(c['total_kimg'] * 1000), 1):   # as the Trainer counts
             run.complete_kimg = int(nimg) / 1000
     return run
