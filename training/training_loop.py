@@ -147,10 +147,8 @@ class Trainer:
         self.net = build_network(network_kwargs, shape, channels, self.dataset.label_dim)
         multiple = network_input_multiple(self.net)
         patching.check_image_shape(shape, multiple, 'latents' if self.encoder is not None else 'images')
-        self.schedule = patching.PatchSchedule(shape, patch_kwargs.get('real_p', 1.0),
-                                               latent=self.encoder is not None,
-                                               progressive=patch_kwargs.get('progressive', False), seed=seed,
-                                               multiple=multiple, batch_mult=patch_kwargs.get('batch_mult', 'formula'))
+        self.schedule = patching.PatchSchedule(shape, latent=self.encoder is not None, seed=seed, multiple=multiple,
+                                               **dict(dict(real_p=1.0), **patch_kwargs))   # as config.patch_schedule
         self.batch_size = batch_size
         self.nimg_per_step = batch_size * self.schedule.expected_multiplier   # images per step on average
         self.total_nimg = max(int(total_kimg * 1000), 1)
