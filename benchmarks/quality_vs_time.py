@@ -5,7 +5,10 @@ real_p = 0.5 (Patch Diffusion), trained for equal time, over several seeds.
 
 The networks are a preset of bench_common (--preset; default cpu-demo, the
 `make demo` network), trained by training_loop.Trainer with the given loss noise
-levels (--P-mean, --P-std) and memory format (--channels-last).
+levels (--P-mean, --P-std) and memory format (--channels-last). A
+configuration is a real_p, optionally with where crops may start:
+`0.5:grid` puts every crop's corner on the network's input grid (a DiT's
+tokens), `0.5` (or `0.5:pixel`) anywhere, as train.py does.
 
 The metric is NOT Inception-FID. It is the Frechet distance between the
 features of generated and dataset images, where the features are the
@@ -39,6 +42,7 @@ import torch
 
 import bench_common as common
 from bench_common import float_key
+from training import patching
 from dnnlib.util import atomic_path
 from evaluation import metrics
 from training import generation
@@ -158,14 +162,38 @@ def train_equal_time(trainers, budget_s, checkpoints, slice_s, clock=time.perf_c
     return points
 
 
+def parse_configs(text):
+    """'1,0.5,0.5:grid' -> {key: (real_p, crop_align)}, key '1.0', '0.5', '0.5:grid' (the JSON keys)."""
+    configs = {}
+    for part in (part.strip() for part in text.split(',') if part.strip()):
+        value, _, align = part.partition(':')
+        align = align or 'pixel'
+        if align not in patching.CROP_ALIGNS:
+            raise ValueError(f'{part!r}: after the colon comes one of {", ".join(patching.CROP_ALIGNS)}')
+        [real_p] = common.parse_float_list(value)
+        configs[float_key(real_p) + ('' if align == 'pixel' else f':{align}')] = (real_p, align)
+    if not configs:
+        raise ValueError(f'no configuration in {text!r}')
+    return configs
+
+
+def config_label(key):
+    """'real_p = 1 (plain EDM)', 'real_p = 0.5', 'real_p = 0.5, crops on the grid' for a JSON key."""
+    value, _, align = key.partition(':')
+    return (f'real_p = {float(value):g}' + (' (plain EDM)' if float(value) == 1 else '')
+            + (f', crops on the {align}' if align else ''))
+
+
 def make_trainer(dataset, real_p, seed, batch, lr, ema_kimg, device, preset='cpu-demo', P_mean=None, P_std=None,
-                 channels_last=False):
+                 channels_last=False, crop_align='pixel'):
     """A Trainer of a preset's network (default cpu-demo, the `make demo` network) on `dataset`, in rounds
     of the whole batch, with a 1-kimg learning-rate ramp-up. P_mean, P_std: the EDM loss's noise levels
-    (None: the loss's defaults, as in train.py)."""
-    return common.make_trainer(common.PRESETS[preset], dataset, device, real_p=real_p, seed=seed, batch=batch,
-                               batch_gpu=None, lr=lr, ema=ema_kimg / 1000, lr_rampup=1, P_mean=P_mean, P_std=P_std,
-                               channels_last=channels_last)
+    (None: the loss's defaults, as in train.py); crop_align: patching.PatchSchedule's."""
+    trainer = common.make_trainer(common.PRESETS[preset], dataset, device, real_p=real_p, seed=seed, batch=batch,
+                                  batch_gpu=None, lr=lr, ema=ema_kimg / 1000, lr_rampup=1, P_mean=P_mean,
+                                  P_std=P_std, channels_last=channels_last)
+    trainer.schedule.crop_align = crop_align   # not a train.py option: set on the schedule the Trainer made
+    return trainer
 
 
 # ----------------------------------------------------------------------------
@@ -213,7 +241,7 @@ def plot(summary, path):
                 ax.plot([p[field] * scale for p in run['points']], [p['fd'] for p in run['points']],
                         color=colour, alpha=0.3, linewidth=1)
         curve = summary['mean'][key]
-        label = f'real_p = {float(key):g}' + (' (plain EDM)' if float(key) == 1 else '')
+        label = config_label(key)
         for ax, field, scale in [(axes[0], 'time_s', 1 / 60), (axes[1], 'kimg', 1)]:
             ax.errorbar([p[field] * scale for p in curve], [p['fd'] for p in curve], yerr=[p['fd_std'] for p in curve],
                         color=colour, marker='o', linewidth=2, capsize=3, label=label)
@@ -246,7 +274,8 @@ def plot(summary, path):
               help='Training time per configuration and seed')
 @click.option('--seeds', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True, help='Seeds 0 .. N-1')
 @click.option('--real-p', '--real_p', 'real_p', metavar='LIST', default='1,0.5', show_default=True,
-              help='Configurations to compare')
+              help='Configurations to compare: real_p values, each optionally :grid (crop corners on the network\'s '
+                   'input grid) or :pixel (anywhere, the default)')
 @click.option('--checkpoints', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True,
               help='Evenly spaced evaluation times')
 @click.option('--slice', 'slice_s', metavar='SEC', type=click.FloatRange(min=0, min_open=True), default=10,
@@ -281,7 +310,7 @@ def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, preset, b
          plot_path, json_path):
     """Frechet distance (classifier features, NOT Inception-FID) vs equal training time."""
     try:
-        real_ps = common.parse_float_list(real_p)
+        configs = parse_configs(real_p)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--real-p') from None
     batch = common.PRESETS[preset].options['batch'] if batch is None else batch
@@ -324,19 +353,19 @@ def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, preset, b
         print(f'features: {mu_ref.shape[0]}-d; floor (FD of {len(subset)} dataset images vs all): {floor_fd:.4f}',
               flush=True)
 
-        runs = {float_key(p): [] for p in real_ps}
+        runs = {key: [] for key in configs}
         for seed in range(seeds):
-            trainers = {p: make_trainer(dataset, p, seed, batch, lr, ema_kimg, device, preset, P_mean, P_std,
-                                        channels_last) for p in real_ps}
+            trainers = {key: make_trainer(dataset, p, seed, batch, lr, ema_kimg, device, preset, P_mean, P_std,
+                                          channels_last, align) for key, (p, align) in configs.items()}
             loss_fn = next(iter(trainers.values())).loss_fn   # its noise levels go into the summary
             points = train_equal_time(trainers, minutes * 60, checkpoints, slice_s)
-            for p, seed_points in points.items():
+            for key, seed_points in points.items():
                 for point in seed_points:
                     point['fd'] = metrics.frechet_distance(*sample_stats(point.pop('ema'), detector, eval_images,
                                                                          sample_steps, device), mu_ref, sigma_ref)
-                    print(f'seed {seed} real_p {p:g}: {point["time_s"] / 60:.2f} min, {point["kimg"]:.2f} kimg, '
+                    print(f'seed {seed} {config_label(key)}: {point["time_s"] / 60:.2f} min, {point["kimg"]:.2f} kimg, '
                           f'{point["steps"]} steps: FD {point["fd"]:.4f}', flush=True)
-                runs[float_key(p)].append(dict(seed=seed, points=seed_points))
+                runs[key].append(dict(seed=seed, points=seed_points))
 
     summary = dict(metric=METRIC_NAME, detector_accuracy=accuracy, feature_dim=int(mu_ref.shape[0]),
                    floor_fd=floor_fd, minutes=minutes, seeds=seeds, checkpoints=checkpoints, slice_s=slice_s,
@@ -345,7 +374,7 @@ def main(data, max_size, minutes, seeds, real_p, checkpoints, slice_s, preset, b
                    runs=runs, mean=mean_curves(runs), total_s=time.time() - start)
     summary.update(info, loadavg_end=[round(x, 2) for x in os.getloadavg()])
     for key, curve in summary['mean'].items():
-        print(f'mean real_p {float(key):g}: ' + ', '.join(f'{p["time_s"] / 60:.2f} min {p["fd"]:.3f}+-{p["fd_std"]:.3f}'
+        print(f'mean {config_label(key)}: ' + ', '.join(f'{p["time_s"] / 60:.2f} min {p["fd"]:.3f}+-{p["fd_std"]:.3f}'
                                                           for p in curve))
     if plot_path:
         if plot(summary, plot_path):

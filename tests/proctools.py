@@ -29,7 +29,8 @@ def free_port():
 def run_all(commands, env, timeout):
     """Run `commands` at the same time; returns [(returncode, output)]. On a
     timeout every process tree is killed and the test fails (a hang)."""
-    procs = [subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = [subprocess.Popen(cmd, env=env, text=True, errors='replace', stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
              for cmd in commands]
     results = []
     try:
@@ -48,10 +49,20 @@ def start(command, env, **popen_kwargs):
     """(process, lines): Popen of `command` in a session of its own, its output
     (stdout and stderr) collected line by line into `lines` by a thread, as a
     log file fills."""
+    # errors='replace': bytes that are not UTF-8 (a process killed mid-character) must not end the reader,
+    # or the test goes on waiting for lines that never come while the job runs to its end.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, **popen_kwargs)
+                               errors='replace', start_new_session=True, **popen_kwargs)
     lines = []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+
+    def read():
+        try:
+            for line in process.stdout:
+                lines.append(line)
+        except Exception as error:   # noqa: BLE001 -- said in the output the test shows, not lost in a thread
+            lines.append(f'[test harness: reading the output stopped: {error!r}]\n')
+
+    threading.Thread(target=read, daemon=True).start()
     return process, lines
 
 

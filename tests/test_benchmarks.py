@@ -219,6 +219,21 @@ def test_bench_sample_cli_times_each_batch_size():
 # quality_vs_time.
 
 
+def test_quality_configurations_name_real_p_and_where_crops_start(shapes_zip):
+    configs = quality_vs_time.parse_configs('1, 0.5,0.5:grid,0.25:pixel')
+    assert configs == {'1.0': (1.0, 'pixel'), '0.5': (0.5, 'pixel'), '0.5:grid': (0.5, 'grid'),
+                       '0.25': (0.25, 'pixel')}
+    assert quality_vs_time.config_label('1.0') == 'real_p = 1 (plain EDM)'
+    assert quality_vs_time.config_label('0.5:grid') == 'real_p = 0.5, crops on the grid'
+    with pytest.raises(ValueError, match="after the colon comes one of pixel, grid"):
+        quality_vs_time.parse_configs('0.5:tokens')
+    with pytest.raises(ValueError, match='no configuration'):
+        quality_vs_time.parse_configs(' , ')
+    dataset = ImageFolderDataset(shapes_zip, cache=True)
+    trainer = quality_vs_time.make_trainer(dataset, 0.5, 0, 4, 1e-3, 0.5, 'cpu', crop_align='grid')
+    assert trainer.schedule.crop_align == 'grid' and trainer.schedule.corner_step == trainer.schedule.multiple > 1
+
+
 class ClockedTrainer:
     """A trainer whose steps advance a fake clock by `cost` seconds."""
 

@@ -288,3 +288,44 @@ def test_random_patches_full_size_and_dtypes():
     uint8 = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     patches, pos = patching.random_patches(uint8, 4, generator=torch.Generator().manual_seed(0))
     assert patches.dtype == torch.uint8 and pos.dtype == torch.float32
+
+
+@pytest.mark.parametrize('resolution,size,step', [(32, 16, 4), (32, 8, 4), ((16, 40), (8, 24), 8), (30, 12, 6)])
+def test_grid_aligned_corners_are_uniform_multiples_of_the_step(resolution, size, step):
+    (height, width), (h, w) = patching.image_shape(resolution), patching.image_shape(size)
+    top, left = patching.random_corners(6000, resolution, size, generator=torch.Generator().manual_seed(0), step=step)
+    for corner, room in [(top, height - h), (left, width - w)]:
+        assert bool((corner % step == 0).all()) and int(corner.min()) >= 0 and int(corner.max()) <= room
+        counts = torch.bincount(corner // step)
+        assert len(counts) == room // step + 1 and int(counts.min()) > 0        # every grid corner, both ends
+        assert counts.float().std() / counts.float().mean() < 0.15
+
+
+@pytest.mark.parametrize('resolution,size', [(16, 4), ((16, 40), (8, 8))])
+def test_step_one_draws_the_corners_as_before(resolution, size):
+    """Step 1 (the default, crop_align='pixel') gives the draws of torch.randint over every corner."""
+    (height, width), (h, w) = patching.image_shape(resolution), patching.image_shape(size)
+    top, left = patching.random_corners(50, resolution, size, generator=torch.Generator().manual_seed(3), step=1)
+    gen = torch.Generator().manual_seed(3)
+    if height - h == width - w:
+        expected = torch.randint(0, height - h + 1, (2, 50), generator=gen)
+    else:
+        expected = torch.stack([torch.randint(0, height - h + 1, (50,), generator=gen),
+                                torch.randint(0, width - w + 1, (50,), generator=gen)])
+    assert torch.equal(top, expected[0]) and torch.equal(left, expected[1])
+
+
+def test_crop_align_grid_puts_every_training_crop_on_the_token_grid():
+    """A DiT of 4-pixel tokens trained with crop_align='grid' sees crops whose coordinates are those of
+    the full image's token grid; 'pixel' (the default) also gives corners between them."""
+    schedule = patching.PatchSchedule(32, real_p=0.5, multiple=4, crop_align='grid')
+    assert schedule.corner_step == 4 and patching.PatchSchedule(32, 0.5, multiple=4).corner_step == 1
+    full = patching.full_grid(32, 1)
+    images = torch.randn(200, 3, 32, 32)
+    for align, on_grid in [('grid', True), ('pixel', False)]:
+        step = patching.PatchSchedule(32, real_p=0.5, multiple=4, crop_align=align).corner_step
+        _, pos = patching.random_patches(images, 16, torch.Generator().manual_seed(0), corner_step=step)
+        starts = ((pos[:, 0, 0, 0] - full[0, 0, 0, 0]) / (full[0, 0, 0, 1] - full[0, 0, 0, 0])).round().long()
+        assert bool((starts % 4 == 0).all()) == on_grid
+    with pytest.raises(ValueError, match="crop_align='tokens': choose one of pixel, grid"):
+        patching.PatchSchedule(32, real_p=0.5, crop_align='tokens')

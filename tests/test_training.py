@@ -539,3 +539,20 @@ def test_progressive_phases_are_shares_of_the_images(shapes_zip):
 def test_loop_disables_reduced_precision_fp16_reductions(loop_run):
     """As EDM's training loop (it matters for --fp16 on CUDA)."""
     assert torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction is False
+
+
+def test_trainer_crops_on_the_input_grid_when_asked(shapes_zip):
+    """patch_kwargs crop_align='grid': every crop a training step takes starts on a multiple of the
+    network's input multiple (2 for this two-level UNet); the default starts anywhere."""
+    full = patching.full_grid(RESOLUTION, 1)[0, 0, 0]   # x of each column of the full image
+    for align, on_grid in [('grid', True), ('pixel', False)]:
+        trainer = make_trainer(shapes_zip, patch_kwargs=dict(real_p=0, crop_align=align))
+        assert trainer.schedule.corner_step == (2 if on_grid else 1)
+        corners = []
+        inner = trainer.loss_fn
+        trainer.loss_fn = lambda **kw: corners.extend(kw['pos'][:, :, 0, 0].flatten().tolist()) or inner(**kw)
+        for _ in range(6):
+            trainer.step()
+        columns = [int((full - value).abs().argmin()) for value in corners]   # pixel index of each corner
+        assert len(columns) >= 6 * 8 * 2
+        assert all(column % 2 == 0 for column in columns) == on_grid

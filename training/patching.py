@@ -38,6 +38,7 @@ PATCH_FLOOR = 8
 # OFFICIAL_BATCH_TABLE[P] // OFFICIAL_BATCH_TABLE[R] times the batch (squares of these sides only).
 OFFICIAL_BATCH_TABLE = {512: 1, 256: 2, 128: 4, 64: 16, 32: 32, 16: 64}
 BATCH_MULTS = ('formula', 'official')   # train.py --batch-mult
+CROP_ALIGNS = ('pixel', 'grid')       # where a crop's corner may lie: any pixel, or the network's input grid
 
 
 def patch_sizes(resolution, latent=False, multiple=1):
@@ -123,13 +124,21 @@ class PatchSchedule:
                      'official': the official code's table
                      (`official_batch_multiplier`; ValueError where it has
                      no entry).
+        crop_align:  'pixel': a crop's corner is any pixel (the official
+                     code's crops); 'grid': a multiple of `multiple` (for a
+                     DiT, the token grid that sampling uses; docs/DESIGN.md
+                     section 2 has the measurement behind the default).
     `sizes`: see `patch_sizes` (int sides for square images, (h, w) otherwise).
     """
 
     def __init__(self, resolution, real_p, latent=False, progressive=False, seed=0, multiple=1,
-                 batch_mult='formula'):
+                 batch_mult='formula', crop_align='pixel'):
         if not 0 <= real_p <= 1:
             raise ValueError(f'real_p must be in [0, 1], got {real_p}')
+        if crop_align not in CROP_ALIGNS:
+            raise ValueError(f'crop_align={crop_align!r}: choose one of {", ".join(CROP_ALIGNS)}')
+        self.multiple = int(multiple)
+        self.crop_align = crop_align
         self.shape = image_shape(resolution)
         sizes = patch_sizes(self.shape, latent, multiple)
         probs = patch_probs(real_p, latent)
@@ -173,6 +182,11 @@ class PatchSchedule:
             index = int(np.searchsorted(self._cum_probs, u * self._cum_probs[-1], side='right'))
         return self.sizes[min(index, len(self.sizes) - 1)]
 
+    @property
+    def corner_step(self):
+        """Crop corners are multiples of this (`random_corners`' step)."""
+        return self.multiple if self.crop_align == 'grid' else 1
+
     def multiplier(self, patch_size):
         """Images per step at `patch_size`, relative to a full-image step."""
         if self.batch_mult == 'official':
@@ -200,15 +214,20 @@ def training_progress(nimg, total_nimg):
     return (int(nimg) // 1000) / (total_nimg / 1000)
 
 
-def random_corners(batch_size, resolution, size, generator=None, device='cpu'):
+def random_corners(batch_size, resolution, size, generator=None, device='cpu', step=1):
     """Uniform top-left corners (top, left), top in [0, H - h] and left in
-    [0, W - w], each [N] long (resolution, size: int sides or (height, width))."""
+    [0, W - w], each [N] long (resolution, size: int sides or (height, width)),
+    drawn among the multiples of `step` (1: every pixel, the same draws as
+    ever)."""
     (height, width), (h, w) = image_shape(resolution), image_shape(size)
-    if height - h == width - w:   # one draw for both, as for squares
-        corners = torch.randint(0, height - h + 1, (2, batch_size), generator=generator)
+    rows, cols = (height - h) // step + 1, (width - w) // step + 1   # corner choices per axis
+    if rows == cols:   # one draw for both, as for squares
+        corners = torch.randint(0, rows, (2, batch_size), generator=generator)
     else:
-        corners = torch.stack([torch.randint(0, height - h + 1, (batch_size,), generator=generator),
-                               torch.randint(0, width - w + 1, (batch_size,), generator=generator)])
+        corners = torch.stack([torch.randint(0, rows, (batch_size,), generator=generator),
+                               torch.randint(0, cols, (batch_size,), generator=generator)])
+    if step != 1:
+        corners = corners * step
     if torch.device(device).type == 'cuda':
         corners = corners.pin_memory().to(device, non_blocking=True)   # no wait for the device
     return corners[0], corners[1]
@@ -226,14 +245,15 @@ def crop(images, top, left, size):
     return images[batch, :, rows, cols].permute(0, 3, 1, 2)              # [N, h, w, C] -> [N, C, h, w]
 
 
-def random_patches(images, size, generator=None):
-    """Crop one random h x w patch (size: int or (h, w)) per image; returns
-    (patches, pos) with pos the [N, 2, h, w] coordinate grid. The full size
-    returns the images and the full grid."""
+def random_patches(images, size, generator=None, corner_step=1):
+    """Crop one random h x w patch (size: int or (h, w)) per image, its corner
+    a multiple of `corner_step`; returns (patches, pos) with pos the
+    [N, 2, h, w] coordinate grid. The full size returns the images and the
+    full grid."""
     n, _, height, width = images.shape
     size = image_shape(size)
     dtype = images.dtype if images.is_floating_point() else torch.float32
     if size == (height, width):
         return images, full_grid((height, width), n, images.device, dtype)
-    top, left = random_corners(n, (height, width), size, generator, images.device)
+    top, left = random_corners(n, (height, width), size, generator, images.device, step=corner_step)
     return crop(images, top, left, size), patch_grid(top, left, size, (height, width), dtype)

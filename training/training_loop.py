@@ -310,7 +310,7 @@ class Trainer:
                 augment_labels = None
                 if self.augment_pipe is not None:
                     images, augment_labels = self.augment_pipe(images)   # full images, before cropping
-                y, pos = patching.random_patches(images, P, corner_gen)
+                y, pos = patching.random_patches(images, P, corner_gen, self.schedule.corner_step)
                 with torch.autocast(**self.autocast):
                     loss = self.loss_fn(net=self.ddp, y=y, pos=pos if self.net.use_pos else None, labels=labels,
                                         augment_labels=augment_labels)
