@@ -1,6 +1,7 @@
-"""Generate images with a trained network: ours, EDM's or the official Patch
-Diffusion's network pickles, or our .safetensors snapshots
-(docs/DESIGN.md sections 1 and 4). Samples of latent models are decoded to
+"""Generate images with a trained network: ours, EDM's, EDM2's or the
+official Patch Diffusion's network pickles, or our .safetensors snapshots
+(docs/DESIGN.md sections 1 and 4), optionally guided by a second network
+(EDM2's autoguidance). Samples of latent models are decoded to
 pixels with their VAE. A sample can cover any square of the network's
 coordinate frame, or a canvas larger than it (section 2).
 
@@ -29,13 +30,15 @@ def cli():
 
 
 @cli.command('generate')
-@click.option('--network', 'network_pkl', help='Network snapshot (network-snapshot-*.pkl or .safetensors; ours, EDM or official): a path, an http(s) URL or a Hugging Face Hub file hf://OWNER/REPO/FILE', metavar='PATH|URL', type=str, required=True)
+@click.option('--network', '--net', 'network_pkl', help='Network snapshot (network-snapshot-*.pkl or .safetensors; ours, EDM, EDM2 or official): a path, an http(s) URL or a Hugging Face Hub file hf://OWNER/REPO/FILE', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Folder for the PNGs', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Seeds, one image each (e.g. 0-49999 or 1,2,5-10)', metavar='LIST', type=str, default='0-63', show_default=True)
 @click.option('--subdirs', help='Put each 1000 seeds in a subfolder', is_flag=True)
 @click.option('--class', 'class_idx', help='Class index for every image  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Most images per batch (per process)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--cfg', help='Classifier-free guidance weight (1 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True)
+@click.option('--gnet', 'gnet_pkl', help='Guide network for --guidance (EDM2\'s autoguidance: a smaller or less trained network of the same data), as --network', metavar='PATH|URL', type=str, default=None)
+@click.option('--guidance', help='Weight g of the --gnet guide: D = D_gnet + g (D - D_gnet) (1 = off)', metavar='FLOAT', type=float, default=1, show_default=True)
 @click.option('--image_size', '--image-size', 'image_size', help='Size of the image to sample: S (a square) or WxH, in the network\'s pixels (for latent models latent pixels: the decoded images are 8 times larger with the usual VAE)  [default: --resolution]', metavar='S|WxH', type=dnnlib.util.Size(), default=None)
 @click.option('--x_start', '--x-start', 'x_start', help='Frame column of the image\'s left edge: its columns x_start .. x_start+w-1 get x = (column / (W - 1) - 0.5) * 2, past 1 beyond the frame', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--y_start', '--y-start', 'y_start', help='Frame row of the image\'s top edge: its rows y_start .. y_start+h-1 get y = (row / (H - 1) - 0.5) * 2', metavar='INT', type=int, default=0, show_default=True)
@@ -63,8 +66,9 @@ def cli():
 @click.option('--scaling', help='Ablation: signal scaling s(t)', metavar='vp|none', type=click.Choice(samplers.SCALINGS))
 @dnnlib.util.debug_option
 @dnnlib.util.cli_errors
-def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, image_size, x_start, y_start,
-             resolution, mask_pos, embed_fq, grid, device, on_latents, vae, scale_factor, **sampler_kwargs):
+def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg, gnet_pkl, guidance, image_size,
+             x_start, y_start, resolution, mask_pos, embed_fq, grid, device, on_latents, vae, scale_factor,
+             **sampler_kwargs):
     """Generate images with the EDM sampler; with --solver=dpmpp-2m or
     dpmpp-2m-sde a multistep solver on the same time steps; the ablation
     sampler when --solver=euler|heun, --disc, --schedule or --scaling is given.
@@ -92,6 +96,10 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
     # A 96x64 (width x height) model: its images, and their 192x64 extension to the right
     python generate.py --outdir=out --seeds=0-63 --network=wide.pkl
     python generate.py --outdir=out --seeds=0-63 --image_size=192x64 --network=wide.pkl
+
+    \b
+    # An EDM2 network guided by a smaller one (autoguidance), with EDM2's 32 steps
+    python generate.py --outdir=out --seeds=0-63 --steps=32 --net=edm2-img512-s.pkl --gnet=edm2-img512-xs.pkl --guidance=2.1
 
     \b
     # An official Patch Diffusion latent model (ours record their VAE in the pickle)
@@ -122,17 +130,23 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
     # Rank 0 loads first (and fills the download cache), the other ranks after it.
     dist.print0(f'Loading network from "{network_pkl}"...')
     net, latent = dist.rank0_first(lambda: load(network_pkl, device, on_latents, vae, scale_factor))
+    gnet = None
+    if gnet_pkl is not None:
+        dist.print0(f'Loading guide network from "{gnet_pkl}"...')
+        gnet = dist.rank0_first(lambda: snapshots.load_network(gnet_pkl, device, verbose=(dist.get_rank() == 0))[0])
     for note in denoiser.check_official_flags(net, mask_pos, embed_fq):
         dist.print0(note)
     batches = generation.generate_images(net, seeds, batch_size=max_batch_size, class_idx=class_idx, cfg=cfg,
-                                         device=device, resolution=resolution, image_size=image_size,
-                                         x_start=x_start, y_start=y_start, latent=latent, **sampler_kwargs)
+                                         gnet=gnet, guidance=guidance, device=device, resolution=resolution,
+                                         image_size=image_size, x_start=x_start, y_start=y_start, latent=latent,
+                                         **sampler_kwargs)
 
     sampler, chosen = samplers.select_sampler(**sampler_kwargs)
     evaluations = samplers.network_evaluations(sampler, chosen)
     dist.print0(f'Sampler: {samplers.describe(sampler, chosen)}, {chosen.get("num_steps", 18)} steps: {evaluations} '
                 f'network evaluations per image, {evaluations * len(seeds)} in all'
-                + (' (each two network passes with --cfg)' if cfg != 1 else ''))
+                + (' (each two network passes with --cfg)' if cfg != 1 else '')
+                + (' (each two network passes with --gnet)' if gnet is not None and guidance != 1 else ''))
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
     num_batches = len(generation.rank_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()))
     for batch_seeds, images in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(dist.get_rank() != 0)):
@@ -150,7 +164,7 @@ def generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, cfg
 def load(network_pkl, device, on_latents, vae, scale_factor):
     """(net, latent metadata or None) of a snapshot, checked for sampling images."""
     net, meta = snapshots.load_network(network_pkl, device, verbose=(dist.get_rank() == 0))
-    latent = latents.generation_latent(meta.get('latent'), on_latents, vae, scale_factor)
+    latent = latents.generation_latent(meta.get('latent'), on_latents, vae, scale_factor, meta.get('encoder'))
     channels = denoiser.network_info(net).img_channels
     if latent is None and channels not in (1, 3):
         raise ValueError(f'The network makes {channels}-channel samples, not images; if it was trained on '

@@ -152,7 +152,8 @@ def print_options(c, opts, device):
     dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
     dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
     dist.print0(f'Network architecture:    {opts.arch}')
-    dist.print0(f'Preconditioning & loss:  {opts.precond}')
+    precond = c.network_kwargs.precond
+    dist.print0(f'Preconditioning & loss:  {precond}' + (' (learned loss weighting)' if precond == 'edm2' else ''))
     dist.print0(f'Patch share (real_p):    {opts.real_p:g}{", progressive" if opts.progressive else ""}')
     dist.print0(f'Number of processes:     {dist.get_world_size()} on {device}')
     dist.print0(f'Batch size:              {c.batch_size}')

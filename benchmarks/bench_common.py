@@ -23,6 +23,16 @@ train.py does:
                 depth 6, 4 heads, 4x4 tokens) on 32x32 demo shapes, batch 16: its
                 8-, 16- and 32-pixel crops are 4, 16 and 64 tokens
 
+    edm2-tiny   EDM2's magnitude-preserving UNet scaled down for CPU quality runs
+                (cbase 32, cres 1,2,2, 2 blocks, attention at 8 and in the
+                decoder's first block as EDM2 has it) on 32x32 demo shapes,
+                batch 16, lr 1e-2 with EDM2's decay after 2000 batches, EDM2's
+                ImageNet-64 noise levels (P_mean -0.8, P_std 1.6)
+    gpu-edm2-s  EDM2-S (cbase 192, cres 1,2,3,4, 3 blocks, attention at 16 and
+                8) on 64x64 RGB, batch 256, EDM2's img64-s lr 1e-2
+    gpu-edm2-m  EDM2-M (cbase 256) on 64x64 RGB, batch 256, lr 9e-3
+    gpu-edm2-s-latent  EDM2-S on 32x32x4 latent-shaped data (as gpu-latent), batch 256
+
 No preset augments (train.py's default --augment is 0.12).
 """
 
@@ -85,6 +95,15 @@ PRESETS = {
                          resolution=32, channels=4, data='random'),
     'dit-tiny': Preset(dict(arch='dit-s', cbase=128, blocks=6, heads=4, token_size=4, dropout=0, augment=0,
                             batch=16, batch_gpu=16, lr=1e-3), resolution=32, channels=3),
+    'edm2-tiny': Preset(dict(arch='edm2-xs', cbase=32, cres=[1, 2, 2], blocks=2, attn=[8], dropout=0, augment=0,
+                             batch=16, batch_gpu=16, lr=1e-2, lr_decay=2000, P_mean=-0.8, P_std=1.6),
+                        resolution=32, channels=3),
+    'gpu-edm2-s': Preset(dict(arch='edm2-s', dropout=0, augment=0, batch=256, batch_gpu=64, lr=1e-2),
+                         resolution=64, channels=3),
+    'gpu-edm2-m': Preset(dict(arch='edm2-m', dropout=0.1, augment=0, batch=256, batch_gpu=64, lr=9e-3),
+                         resolution=64, channels=3),
+    'gpu-edm2-s-latent': Preset(dict(arch='edm2-s', dropout=0, augment=0, batch=256, batch_gpu=64, lr=1e-2),
+                                resolution=32, channels=4, data='random'),
 }
 
 

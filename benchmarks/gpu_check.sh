@@ -20,6 +20,10 @@
 # ~460 s in all with the set-up; with 3. the default deadline cuts the
 # compile step, the last: raise DEADLINE_S to ~590 for all of them.
 #
+# 3a. bench_train.py --preset=gpu-edm2-s and gpu-edm2-m (EDM2-S/M at 64x64) and
+#    gpu-edm2-s-latent (EDM2-S on 32x32x4) in bf16 at real_p 1 / 0.5 (not yet
+#    run on a GPU: a minute each at most); with EDM2_DIR naming a checkout of
+#    NVlabs/edm2, check_vs_edm2.py (CPU, ~20 s).
 # 3b. bench_preemption.py --preset=gpu-paper: seconds from a SIGTERM to the
 #    training state on disk (2 stops; not yet run on a GPU, about a minute).
 # 4. Only when OFFICIAL_DIR names a checkout of the official Patch Diffusion
@@ -118,6 +122,18 @@ for size in $SIZES; do
     step dit_${size}_bf16 60 "$PY" benchmarks/bench_train.py "${DIT[@]}" "${SHORT[@]}" --precision=bf16 \
         --json="$OUT/dit_${size}_bf16.json"
 done
+# EDM2's UNet (issue 30): edm2-s and edm2-m at 64x64, edm2-s on 32x32x4 latents, real_p 1 / 0.5 in bf16.
+if [ "$QUICK" = 0 ]; then
+    EDM2_RUNS=("edm2_s:--preset=gpu-edm2-s --data=$DATA --workers=6" "edm2_m:--preset=gpu-edm2-m --data=$DATA --workers=6"
+               "edm2_s_latent:--preset=gpu-edm2-s-latent --workers=2")
+else
+    EDM2_RUNS=("edm2_s:--preset=edm2-tiny --data=$DATA --batch=4 --batch-gpu=4 --device=cpu --threads=1 --real-p=1 --no-flops")
+fi
+for run in "${EDM2_RUNS[@]}"; do
+    name=${run%%:*}
+    # shellcheck disable=SC2086  # the options are words
+    step ${name}_bf16 60 "${BENCH[@]}" ${run#*:} "${SHORT[@]}" --precision=bf16 --json="$OUT/${name}_bf16.json"
+done
 # Preemption (issue 25): from a SIGTERM to the training state on disk, the paper's network on one GPU.
 if [ "$QUICK" = 0 ]; then
     step preemption 90 "$PY" benchmarks/bench_preemption.py --preset=gpu-paper --nproc=1 --device=cuda --repeat=2 \
@@ -129,6 +145,10 @@ fi
 if [ "$QUICK" = 0 ]; then
     step paper_bf16_compile 150 "$PY" benchmarks/bench_train.py --real-p=1 "${PAPER[@]}" --rounds=1 --block=3 --warmup=1 \
         --precision=bf16 --compile --no-flops --json="$OUT/paper_bf16_compile.json"
+fi
+
+if [ -n "${EDM2_DIR:-}" ]; then   # a checkout of NVlabs/edm2: network, steps and sampling against its code (CPU)
+    step vs_edm2 120 "$PY" benchmarks/check_vs_edm2.py --edm2="$EDM2_DIR" --json="$OUT/vs_edm2.json"
 fi
 
 if [ -n "${OFFICIAL_DIR:-}" ]; then

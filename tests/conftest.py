@@ -66,6 +66,13 @@ def docs_text():
 
 
 @pytest.fixture
+def no_torchrun_env(monkeypatch):
+    """No torchrun variables: train.py and the library run as one process."""
+    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
 def subprocess_env():
     """os.environ for a child process: PYTHONPATH = repo root, no torchrun
     variables inherited, one thread per process, unbuffered output."""

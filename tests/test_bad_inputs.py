@@ -33,7 +33,6 @@ import generate
 import train
 from dataset_prep.archive import archive_name, convert_dataset
 from training import architectures, snapshots
-from training import training_loop as tl
 
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning')
 

@@ -29,12 +29,6 @@ def shapes(tmp_path_factory):
     return demo_zips(tmp_path_factory.mktemp('data'), (32, 128))
 
 
-@pytest.fixture
-def no_torchrun_env(monkeypatch):
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(name, raising=False)
-
-
 def make_trainer(data, **overrides):
     kwargs = dict(dataset_kwargs=dict(path=data, use_labels=False), network_kwargs=dict(TINY_NET),
                   loss_kwargs=dict(loss='edm'), optimizer_kwargs=dict(lr=2e-3, betas=[0.9, 0.999], eps=1e-8),

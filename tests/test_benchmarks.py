@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -25,6 +26,7 @@ import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 import count_ops  # noqa: E402
 import quality_vs_time  # noqa: E402
+import check_vs_edm2  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -232,6 +234,25 @@ def test_quality_configurations_name_real_p_and_where_crops_start(shapes_zip):
     dataset = ImageFolderDataset(shapes_zip, cache=True)
     trainer = quality_vs_time.make_trainer(dataset, 0.5, 0, 4, 1e-3, 0.5, 'cpu', crop_align='grid')
     assert trainer.schedule.crop_align == 'grid' and trainer.schedule.corner_step == trainer.schedule.multiple > 1
+
+
+def test_check_vs_edm2_refuses_a_folder_that_is_not_edm2_and_maps_its_names(tmp_path):
+    result = CliRunner().invoke(check_vs_edm2.main, [f'--edm2={tmp_path}'])
+    assert result.exit_code == 1 and 'does not look like a checkout of EDM2' in result.output
+    assert 'generate_images.py' in result.output
+    mapped = check_vs_edm2.ours_names({'unet.enc.16x16_conv.weight': 1, 'logvar_linear.weight': 2})
+    assert mapped == {'model.enc.16x16_conv.weight': 1, 'logvar_linear.weight': 2}
+    # Weights under EDM2's names load into our network of the check's size, every name used; a name
+    # that does not map is refused.
+    torch.manual_seed(0)
+    source = check_vs_edm2.build_network(dict(precond='edm2', model_type='EDM2UNet', use_pos=False, dropout=0,
+                                              **check_vs_edm2.CONFIG['unet']), 16, 3, 5)
+    edm2_state = {('unet.' + name[len('model.'):] if name.startswith('model.') else name): value
+                  for name, value in source.state_dict().items()}
+    loaded = check_vs_edm2.ours_from(edm2_state)
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in source.state_dict().items())
+    with pytest.raises(click.ClickException, match='do not map onto ours'):
+        check_vs_edm2.ours_from(dict(edm2_state, **{'unet.extra.weight': torch.zeros(1)}))
 
 
 class ClockedTrainer:

@@ -17,7 +17,7 @@ import torch
 from proctools import run_all
 from dataset_prep.archive import convert_dataset
 from evaluation import metrics
-from training import architectures, denoiser, generation, image_io
+from training import architectures, denoiser, generation, image_io, samplers
 from training import training_loop as tl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')

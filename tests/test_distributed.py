@@ -15,12 +15,6 @@ from torch_utils import distributed as dist
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
 
-@pytest.fixture
-def no_torchrun_env(monkeypatch):
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(name, raising=False)
-
-
 def test_single_process_defaults(no_torchrun_env, capsys):
     assert dist.init('cpu') == torch.device('cpu')
     assert not dist.is_initialized()

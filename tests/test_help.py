@@ -103,10 +103,12 @@ HAND_WRITTEN = {
     ('train.py', 'cres'): arch_text('channel_mult'),
     ('train.py', 'blocks'): arch_text('num_blocks'),
     ('train.py', 'attn'): arch_text('attn_resolutions'),
-    ('train.py', 'P_mean'): str(param_default(loss.EDMLoss, 'P_mean')),
-    ('train.py', 'P_std'): str(param_default(loss.EDMLoss, 'P_std')),
+    ('train.py', 'P_mean'): f"{param_default(loss.EDMLoss, 'P_mean')}; edm2-*: {flags.EDM2_DEFAULTS['P_mean']}",
+    ('train.py', 'P_std'): f"{param_default(loss.EDMLoss, 'P_std')}; edm2-*: {flags.EDM2_DEFAULTS['P_std']}",
+    ('train.py', 'lr_decay'): f"0; edm2-*: {flags.EDM2_DEFAULTS['lr_decay']}",
     ('train.py', 'device'): DEVICE,
-    ('train.py', 'dropout'): f"{flags.DEFAULT_DROPOUT['unet']}; DiT: {flags.DEFAULT_DROPOUT['dit']}",
+    ('train.py', 'dropout'): f"{flags.DEFAULT_DROPOUT['unet']}; DiT: {flags.DEFAULT_DROPOUT['dit']}; "
+                             f"edm2-*: {flags.DEFAULT_DROPOUT['edm2']}",
     ('train.py', 'seed'): 'random; a resumed run keeps its own',
     ('generate.py generate', 'class_idx'): 'random per seed',
     ('generate.py generate', 'image_size'): '--resolution',
@@ -144,8 +146,8 @@ LIBRARY = {('train.py', name): value for name, value in config.DEFAULTS.items()}
 LIBRARY.update({('generate.py generate', name): param_default(samplers.edm_sampler, name)
                 for name in ('num_steps', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise')})
 LIBRARY.update({('generate.py generate', flag): param_default(generation.generate_images, name)
-                for flag, name in (('max_batch_size', 'batch_size'), ('cfg', 'cfg'), ('x_start', 'x_start'),
-                                   ('y_start', 'y_start'))})
+                for flag, name in (('max_batch_size', 'batch_size'), ('cfg', 'cfg'), ('guidance', 'guidance'),
+                                   ('x_start', 'x_start'), ('y_start', 'y_start'))})
 for _path in ('fid.py calc', 'fid.py ref'):
     LIBRARY.update({(_path, flag): param_default(metrics.calculate_metrics, name)
                     for flag, name in (('batch', 'batch_size'), ('workers', 'num_workers'), ('seed', 'seed'))})
@@ -260,12 +262,6 @@ def test_fid_device_takes_cuda_index(tmp_path):
 
 TINY = ['--arch=ddpmpp', '--cbase=8', '--cres=1,2', '--blocks=1', '--attn=none', '--workers=0', '--device=cpu',
         '--batch=8', '--duration=0.00001', '--samples=0', '--seed=3', '--augment=0']
-
-
-@pytest.fixture
-def no_torchrun_env(monkeypatch):
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(name, raising=False)
 
 
 def dry_run(args):

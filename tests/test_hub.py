@@ -300,13 +300,6 @@ def shapes_zip(tmp_path):
     return path
 
 
-@pytest.fixture
-def no_torchrun_env(monkeypatch):
-    """No torchrun variables: train.py runs as one process."""
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(name, raising=False)
-
-
 def test_train_transfers_from_the_hub(hub_cache, shapes_zip, tmp_path, no_torchrun_env):
     """train.py --transfer=hf://...: the run starts from the cached
     snapshot's weights (a run of one step, which has lr 0, ends with the

@@ -358,8 +358,9 @@ def test_fp16_flag_is_a_no_op_on_cpu():
 
 
 def test_registries_and_unknown_model_type():
-    assert set(architectures.MODELS) == {'SongUNet', 'DhariwalUNet', 'DiT'}
-    assert networks.PRECONDITIONERS == {'vp': networks.VPPrecond, 've': networks.VEPrecond, 'edm': networks.EDMPrecond}
+    assert set(architectures.MODELS) == {'SongUNet', 'DhariwalUNet', 'DiT', 'EDM2UNet'}
+    assert networks.PRECONDITIONERS == {'vp': networks.VPPrecond, 've': networks.VEPrecond, 'edm': networks.EDMPrecond,
+                                        'edm2': networks.EDM2Precond}
     with pytest.raises(ValueError, match="'SongUNet', 'DhariwalUNet'"):
         networks.EDMPrecond(img_resolution=R, img_channels=C, model_type='UNet')
     with pytest.raises(ValueError, match='embedding_type'):

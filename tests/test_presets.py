@@ -67,8 +67,12 @@ def stand_in(kind):
 def test_registry_holds_train_options():
     """Every preset sets train.py flags (names of config.DEFAULTS), says in one
     line what it trains, and has an FID with its source or says why it has none."""
-    assert list(presets.PRESETS) == ['celeba-64', 'ffhq-64', 'afhqv2-64', 'lsun-bedroom-256', 'lsun-church-256',
-                                     'imagenet-256']
+    assert list(presets.PRESETS)[:6] == ['celeba-64', 'ffhq-64', 'afhqv2-64', 'lsun-bedroom-256', 'lsun-church-256',
+                                         'imagenet-256']
+    assert [name for name in presets.PRESETS if name.startswith('edm2-')] == [
+        f'edm2-{data}-{size}{patch}' for data, sizes in (('img512', ('xs', 's', 'm', 'l', 'xl', 'xxl')),
+                                                        ('img64', ('s', 'm', 'l', 'xl')))
+        for size in sizes for patch in ('', '-patch')]
     for name, preset in presets.PRESETS.items():
         assert set(preset.options) <= set(config.DEFAULTS) & set(OPTIONS), name
         assert {'outdir', 'data'}.isdisjoint(preset.options), name   # a preset never picks the data
@@ -133,12 +137,6 @@ def shapes_64(tmp_path_factory):
     path = tmp_path_factory.mktemp('data') / 'shapes-64x64.zip'
     convert_dataset('demo:shapes:8', str(path), resolution=(64, 64))
     return str(path)
-
-
-@pytest.fixture
-def no_torchrun_env(monkeypatch):
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(name, raising=False)
 
 
 def dry_run(args):
@@ -246,4 +244,4 @@ def test_docs_table_lists_each_preset():
         if preset.fid is None:
             assert fid == 'not verified' and 'could not be checked' in source, name
         else:
-            assert fid.startswith(f'{preset.fid:g}') and 'abstract' in source, name
+            assert fid.startswith(f'{preset.fid:g}') and ('abstract' in source or 'EDM2' in source), name

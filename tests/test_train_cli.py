@@ -23,7 +23,6 @@ from tests.conftest import makefile_demo_flags
 from dataset_prep.archive import convert_dataset
 from torch_utils import misc
 from training import config, runs, snapshots
-from training import training_loop as tl
 
 TRAIN_PY = os.path.abspath(train.__file__)
 TINY_FLAGS = ['--arch=ddpmpp', '--cbase=8', '--cres=1,2', '--blocks=1', '--attn=none', '--workers=0',
@@ -281,12 +280,6 @@ def test_only_the_same_options_resume(readme_run):
 
 # ----------------------------------------------------------------------------
 # --dry-run and errors (in-process through click).
-
-@pytest.fixture
-def no_torchrun_env(monkeypatch):
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(name, raising=False)
-
 
 def resolved_options(output):
     """The JSON printed after 'Training options:'."""

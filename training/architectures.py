@@ -11,9 +11,13 @@ built; this module is not embedded in network pickles.
 
 from training.networks import PRECONDITIONERS, image_shape
 from training.networks_dit import DiT
+from training.networks_edm2 import EDM2UNet
 from training.networks_unet import DhariwalUNet, SongUNet
 
-MODELS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'DiT': DiT}
+MODELS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'DiT': DiT, 'EDM2UNet': EDM2UNet}
+
+# EDM2's sizes (EDM2 paper, Table 2: XS .. XXL) by their --cbase; the rest of the UNet as EDM2's.
+EDM2_SIZES = dict(xs=128, s=192, m=256, l=320, xl=384, xxl=448)
 
 # Architectures by the name of train.py --arch: the UNet and its EDM defaults, or the DiT and its size
 # (preconditioner keyword arguments; --cbase, --cres, ... override them).
@@ -30,6 +34,10 @@ ARCHITECTURES = {
     'dit-b': dict(model_type='DiT', model_channels=768, num_blocks=12, num_heads=12, token_size=2),
     'dit-l': dict(model_type='DiT', model_channels=1024, num_blocks=24, num_heads=16, token_size=2),
     'dit-xl': dict(model_type='DiT', model_channels=1152, num_blocks=28, num_heads=16, token_size=2),
+    # EDM2's magnitude-preserving UNet, trained with its preconditioning and loss (--precond is edm2's).
+    **{f'edm2-{size}': dict(model_type='EDM2UNet', model_channels=channels, channel_mult=[1, 2, 3, 4], num_blocks=3,
+                            attn_resolutions=[16, 8])
+       for size, channels in EDM2_SIZES.items()},
 }
 
 

@@ -19,7 +19,7 @@ DEFAULTS = flags.defaults()
 TRAINER_KEYS = ('dataset_kwargs', 'data_loader_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs',
                 'augment_kwargs', 'patch_kwargs', 'latent_kwargs', 'performance_kwargs', 'seed', 'batch_size',
                 'batch_gpu', 'total_kimg', 'ema_halflife_kimg', 'ema_rampup_ratio', 'ema_stds', 'lr_rampup_kimg',
-                'loss_scaling')
+                'lr_decay_batches', 'loss_scaling')
 
 
 def build_config(options, dataset):
@@ -50,9 +50,14 @@ def build_config(options, dataset):
                                            prefetch_factor=2 if opts.workers > 0 else None,
                                            persistent_workers=opts.workers > 0)
     c.network_kwargs = network_kwargs(opts)
-    c.loss_kwargs = dnnlib.EasyDict(loss=flags.PRECONDS[opts.precond])
-    c.loss_kwargs.update({k: opts[k] for k in ('P_mean', 'P_std') if opts[k] is not None})
-    c.optimizer_kwargs = dnnlib.EasyDict(lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    edm2 = is_edm2(opts.arch)   # EDM2's loss, noise levels, Adam betas and learning-rate decay unless typed
+    c.loss_kwargs = dnnlib.EasyDict(loss=c.network_kwargs.precond)
+    for key in ('P_mean', 'P_std'):
+        value = opts[key] if opts[key] is not None or not edm2 else flags.EDM2_DEFAULTS[key]
+        if value is not None:
+            c.loss_kwargs[key] = value
+    c.optimizer_kwargs = dnnlib.EasyDict(lr=opts.lr, betas=flags.EDM2_DEFAULTS['betas'] if edm2 else [0.9, 0.999],
+                                         eps=1e-8)
     c.augment_kwargs = None
     if opts.augment:
         c.augment_kwargs = dnnlib.EasyDict(p=opts.augment, **augment.EDM_AUGMENT_KWARGS)
@@ -73,6 +78,9 @@ def build_config(options, dataset):
     c.update(total_kimg=max(opts.duration * 1000, 1e-3), ema_halflife_kimg=opts.ema * 1000,
              ema_rampup_ratio=None if opts.transfer else 0.05, device=str(opts.device))
     c.update({flag.keys[0]: opts[flag.name] for flag in flags.FLAGS if flag.copied})   # --batch, --tick, ...
+    lr_decay = opts.lr_decay if opts.lr_decay is not None else flags.EDM2_DEFAULTS['lr_decay'] if edm2 else 0
+    if lr_decay:   # only then: the options of runs without decay stay as they were
+        c.lr_decay_batches = lr_decay
     if opts.ema_std:   # only then: the options of runs without power EMAs stay as they were
         c.ema_stds = phema.check_stds(opts.ema_std)
     if opts.metrics:
@@ -99,7 +107,8 @@ def patch_schedule(c, dataset):
 
 def network_kwargs(opts):
     """The network's resolved options: the --arch's defaults, then --cbase, --cres, ... ."""
-    kwargs = dnnlib.EasyDict(precond=flags.PRECONDS[opts.precond], **architectures.ARCHITECTURES[opts.arch])
+    precond = 'edm2' if is_edm2(opts.arch) else flags.PRECONDS[opts.precond]
+    kwargs = dnnlib.EasyDict(precond=precond, **architectures.ARCHITECTURES[opts.arch])
     for flag, key in (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('blocks', 'num_blocks'),
                       ('attn', 'attn_resolutions'), ('heads', 'num_heads'), ('token_size', 'token_size')):
         if opts[flag] is not None:
@@ -108,7 +117,7 @@ def network_kwargs(opts):
         kwargs.token_size = int(kwargs.token_size)
     dropout = opts.dropout
     if dropout is None:
-        dropout = flags.DEFAULT_DROPOUT['dit' if kwargs.model_type == 'DiT' else 'unet']
+        dropout = flags.DEFAULT_DROPOUT[{'DiT': 'dit', 'EDM2UNet': 'edm2'}.get(kwargs.model_type, 'unet')]
     kwargs.update(dropout=dropout, use_fp16=opts.fp16, use_pos=opts.use_pos, pos_freqs=opts.pos_freqs,
                   implicit_mlp=opts.implicit_mlp)
     if opts.label_dropout:
@@ -119,6 +128,11 @@ def network_kwargs(opts):
 def is_dit(arch):
     """Whether train.py's --arch names a DiT (dit-s, dit-b, dit-l, dit-xl) rather than a UNet."""
     return architectures.ARCHITECTURES[arch]['model_type'] == 'DiT'
+
+
+def is_edm2(arch):
+    """Whether train.py's --arch names EDM2's UNet (edm2-xs .. edm2-xxl), trained with EDM2's loss."""
+    return architectures.ARCHITECTURES[arch]['model_type'] == 'EDM2UNet'
 
 
 def input_multiple(network_kwargs):
@@ -139,7 +153,8 @@ def run_description(opts, dataset, world_size):
     """The <desc> of the run folder NNNNN-<desc>, as EDM names it (opts: flag values, plus 'desc')."""
     opts = dnnlib.EasyDict(DEFAULTS, **opts)
     precision = 'fp16' if opts.fp16 and fp16_applies(opts.device) else 'bf16' if opts.bf16 else 'fp32'
-    desc = (f'{dataset.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
+    precond = 'edm2' if is_edm2(opts.arch) else opts.precond
+    desc = (f'{dataset.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{precond}-gpus{world_size}'
             f'-batch{opts.batch}-{precision}-realp{opts.real_p:g}')
     return f'{desc}-{opts.desc}' if opts.get('desc') else desc
 
@@ -202,6 +217,13 @@ def _check_architecture_flags(opts):
     """ValueError for shape flags of the other kind of network (UNet or DiT) and DiTs that cannot work."""
     if opts.arch not in architectures.ARCHITECTURES:
         raise ValueError(f'--arch={opts.arch} is unknown; choose one of {", ".join(architectures.ARCHITECTURES)}')
+    if is_edm2(opts.arch):
+        if flags.PRECONDS[opts.precond] != 'edm':
+            raise ValueError(f'--arch={opts.arch} trains with EDM2\'s preconditioning and loss (EDM\'s with learned '
+                             f'loss weighting); leave --precond={opts.precond} out')
+        if opts.implicit_mlp:
+            raise ValueError(f'--implicit_mlp replaces the first convolution of ddpmpp, ncsnpp or adm; '
+                             f'--arch={opts.arch} has no such option: leave it out')
     dit = is_dit(opts.arch)
     foreign = (('--cres', opts.cres), ('--attn', opts.attn)) if dit else \
         (('--heads', opts.heads), ('--token-size', opts.token_size))

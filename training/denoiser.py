@@ -1,7 +1,8 @@
 """The denoiser the samplers call: D(x; sigma) of a network of any of the
-three call conventions (docs/DESIGN.md section 4), in float64, with the
-coordinate channels, class labels and classifier-free guidance hidden; and
-the region of the coordinate frame a sample covers.
+call conventions (docs/DESIGN.md section 4), in float64, with the
+coordinate channels, class labels, classifier-free guidance and guidance by
+a guide network (EDM2's autoguidance) hidden; and the region of the
+coordinate frame a sample covers.
 """
 
 import inspect
@@ -13,27 +14,33 @@ from training.networks import image_shape, patch_grid
 from training.patching import size_label
 
 # The name of forward's third parameter tells the convention apart:
-#   ours:     net(x, sigma, pos, class_labels)    pos = the region's grid when net.use_pos
-#   official: net(x, sigma, x_pos, class_labels)  img_channels reports C + its coordinate channels
-#   edm:      net(x, sigma, class_labels)         no coordinates
+#   ours:      net(x, sigma, pos, class_labels)        pos = the region's grid when net.use_pos
+#   official:  net(x, sigma, x_pos, class_labels)      img_channels reports C + its coordinate channels
+#   edm:       net(x, sigma, class_labels)             no coordinates (EDM's and EDM2's pickles)
+# and a `pos` parameter after class_labels tells our EDM2 preconditioner:
+#   ours_edm2: net(x, sigma, class_labels, pos=pos)    pos = the region's grid when net.use_pos
 CONVENTIONS = {'pos': 'ours', 'x_pos': 'official', 'class_labels': 'edm'}
 
 
 def network_convention(net):
-    """'ours', 'official' or 'edm': how `net` is called (see CONVENTIONS)."""
-    params = [p.name for p in inspect.signature(net.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    """'ours', 'official', 'edm' or 'ours_edm2': how `net` is called (see CONVENTIONS)."""
+    parameters = inspect.signature(net.forward).parameters
+    params = [p.name for p in parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     third = params[2] if len(params) > 2 else None
     if third not in CONVENTIONS:
         raise ValueError(f'Cannot tell how to call {type(net).__name__}.forward{tuple(params)}: its third '
                          f'parameter should be one of {", ".join(CONVENTIONS)}')
+    if third == 'class_labels' and 'pos' in parameters:
+        return 'ours_edm2'
     return CONVENTIONS[third]
 
 
 def network_info(net):
     """What sampling needs to know about `net`.
 
-    Returns EasyDict(convention, img_channels = IMAGE channels C,
+    Returns EasyDict(convention, family = 'edm2' for EDM2's networks (they
+    have no round_sigma: any sigma > 0; churn noise drawn in float32 as
+    EDM2's sampler does), else 'edm', img_channels = IMAGE channels C,
     img_resolution (None if the network does not record it; the shorter side
     of a non-square network), img_shape = (height, width) of its images
     (None if unrecorded), label_dim,
@@ -45,7 +52,7 @@ def network_info(net):
     """
     convention = network_convention(net)
     channels, coordinates, embed_fq = net.img_channels, False, 0
-    if convention == 'ours':
+    if convention in ('ours', 'ours_edm2'):
         coordinates = bool(getattr(net, 'use_pos', False))
     elif convention == 'official':
         out_channels = getattr(net, 'out_channels', net.img_channels - 2)
@@ -57,8 +64,9 @@ def network_info(net):
         channels, coordinates, embed_fq = out_channels, extra > 0, (extra // 4 if extra != 2 else 0)
     resolution = getattr(net, 'img_resolution', None)
     shape = getattr(net, 'img_shape', None) or (None if resolution is None else (resolution, resolution))
-    return dnnlib.EasyDict(convention=convention, img_channels=int(channels), img_resolution=resolution,
-                           img_shape=None if shape is None else image_shape(shape),
+    family = 'edm' if hasattr(net, 'round_sigma') else 'edm2'
+    return dnnlib.EasyDict(convention=convention, family=family, img_channels=int(channels),
+                           img_resolution=resolution, img_shape=None if shape is None else image_shape(shape),
                            label_dim=int(net.label_dim or 0), coordinates=coordinates, embed_fq=int(embed_fq))
 
 
@@ -199,6 +207,32 @@ def official_pos_embedding(grid, num_freqs):
     return torch.cat(features, dim=1)
 
 
+def check_guidance(net, cfg=1.0, gnet=None, guidance=1.0):
+    """Check a guidance setting: classifier-free guidance of weight `cfg`, or
+    guidance by the guide network `gnet` of weight `guidance` (EDM2's
+    --gnet, --guidance; 1 = off). ValueError, one line each, for a weight
+    without its guide, both kinds at once, and a guide that does not make
+    the main network's images."""
+    if guidance != 1 and gnet is None:
+        raise ValueError(f'--guidance={guidance} needs a guide network: give it with --gnet=PKL (EDM2\'s '
+                         f'autoguidance), or use --cfg for classifier-free guidance')
+    if gnet is None:
+        return
+    if cfg != 1:
+        raise ValueError(f'--gnet and --cfg={cfg} are two kinds of guidance; use one: --gnet with --guidance, '
+                         f'or --cfg without --gnet')
+    main, guide = network_info(net), network_info(gnet)
+    if guide.img_channels != main.img_channels:
+        raise ValueError(f'The guide network makes {guide.img_channels}-channel images, the main network '
+                         f'{main.img_channels}-channel ones; give a --gnet trained on the same data')
+    if None not in (guide.img_shape, main.img_shape) and guide.img_shape != main.img_shape:
+        raise ValueError(f'The guide network makes {size_label(guide.img_shape)} images, the main network '
+                         f'{size_label(main.img_shape)} ones; give a --gnet of the same resolution')
+    if guide.label_dim and guide.label_dim != main.label_dim:
+        raise ValueError(f'The guide network has {guide.label_dim} classes, the main network {main.label_dim}; '
+                         f'give an unconditional --gnet or one of the same classes')
+
+
 class Denoiser:
     """denoise(x, sigma) -> float64 D(x; sigma) of a network, for the samplers.
 
@@ -206,65 +240,87 @@ class Denoiser:
     coordinate networks the coordinates of `region` (EasyDict(top, left,
     frame), see `sampling_region`; None: the full grid of the input), the
     official networks' embedded ones as their generate.py embeds them;
-    `class_labels` [N, label_dim] (None: the network's default) and
-    classifier-free guidance D = D_uncond + w (D_cond - D_uncond), the
-    unconditional branch with all-zero labels; w = 1 makes the conditional
-    call only.
+    `class_labels` [N, label_dim] (None: the network's default). Guidance,
+    one kind at a time (see `check_guidance`):
+
+        classifier-free (cfg = w)          D = D_uncond + w (D - D_uncond), D_uncond with all-zero labels
+        by a guide network (gnet, g)       D = D_ref + g (D - D_ref), D_ref = gnet's D(x; sigma)
+
+    The guide gets the same labels (none when it is unconditional) and
+    coordinates of the same region where it takes them. A weight of 1 makes
+    the network's call only. Networks without sigma_min, sigma_max and
+    round_sigma (EDM2's) take any sigma > 0, unrounded.
     """
 
-    def __init__(self, net, class_labels=None, guidance=1.0, region=None):
+    def __init__(self, net, class_labels=None, guidance=1.0, region=None, gnet=None, gnet_guidance=1.0):
         info = network_info(net)
         if guidance != 1 and not info.label_dim:
             raise ValueError(f'Guidance (cfg={guidance}) needs a class-conditional network; this one has '
                              f'label_dim=0, so use cfg=1')
         if guidance != 1 and class_labels is None:
             raise ValueError('Guidance (cfg != 1) needs the class labels of the conditional branch')
+        check_guidance(net, guidance, gnet, gnet_guidance)
         self.net = net
         self.info = info
         self.class_labels = class_labels
         self.guidance = float(guidance)
+        self.gnet = gnet if gnet_guidance != 1 else None
+        self.gnet_info = None if self.gnet is None else network_info(self.gnet)
+        self.gnet_guidance = float(gnet_guidance)
         self.region = region
-        self.sigma_min = net.sigma_min
-        self.sigma_max = net.sigma_max
-        self._pos = None
+        self.draws_only_when_churning = info.family == 'edm2'   # as EDM2's sampler (samplers.edm_sampler)
+        self.sigma_min = getattr(net, 'sigma_min', 0)
+        self.sigma_max = getattr(net, 'sigma_max', float('inf'))
+        self._pos = {}
 
     def round_sigma(self, sigma):
+        if not hasattr(self.net, 'round_sigma'):
+            return torch.as_tensor(sigma)
         return self.net.round_sigma(sigma)
 
-    def _coordinates(self, x):
-        """The coordinate input [N, 2 or 4 embed_fq, h, w] float32 for x [N, C, h, w], or None."""
-        if not self.info.coordinates:
+    def _coordinates(self, x, info):
+        """The coordinate input [N, 2 or 4 embed_fq, h, w] float32 of a network with `info` for
+        x [N, C, h, w], or None."""
+        if not info.coordinates:
             return None
         n, _, height, width = x.shape
-        key = (n, height, width, x.device)
-        if self._pos is None or self._pos[0] != key:
+        key = (n, height, width, x.device, info.embed_fq)
+        if key not in self._pos:
             top, left, frame = (0, 0, (height, width)) if self.region is None else (
                 self.region.top, self.region.left, self.region.frame)
             corner = torch.zeros(1, dtype=torch.long, device=x.device)
             pos = patch_grid(corner + top, corner + left, (height, width), frame)       # [1, 2, h, w]
-            if self.info.embed_fq:
-                pos = official_pos_embedding(pos, self.info.embed_fq)
+            if info.embed_fq:
+                pos = official_pos_embedding(pos, info.embed_fq)
             # One image's input, repeated: image k's input never depends on the batch (docs/DESIGN.md section 1).
-            self._pos = (key, pos.repeat(n, 1, 1, 1))
-        return self._pos[1]
+            self._pos[key] = pos.repeat(n, 1, 1, 1)
+        return self._pos[key]
 
-    def _call_net(self, x, sigma, class_labels):
-        if self.info.convention == 'edm':
-            return self.net(x, sigma, class_labels)
-        return self.net(x, sigma, self._coordinates(x), class_labels)
+    def _call_net(self, net, info, x, sigma, class_labels):
+        if info.convention == 'edm':
+            return net(x, sigma, class_labels)
+        if info.convention == 'ours_edm2':
+            return net(x, sigma, class_labels, pos=self._coordinates(x, info))
+        return net(x, sigma, self._coordinates(x, info), class_labels)
 
     def __call__(self, x, sigma):
         """x [N, C, h, w], sigma scalar or [N] -> D(x; sigma) float64 [N, C, h, w]."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
         with torch.no_grad():
-            D_cond = self._call_net(x, sigma, self.class_labels).to(torch.float64)
+            D_x = self._call_net(self.net, self.info, x, sigma, self.class_labels).to(torch.float64)
+            if self.gnet is not None:
+                labels = self.class_labels if self.gnet_info.label_dim else None
+                D_ref = self._call_net(self.gnet, self.gnet_info, x, sigma, labels).to(torch.float64)
+                return D_ref + self.gnet_guidance * (D_x - D_ref)
             if self.guidance == 1:
-                return D_cond
-            D_uncond = self._call_net(x, sigma, torch.zeros_like(self.class_labels)).to(torch.float64)
-        return D_uncond + self.guidance * (D_cond - D_uncond)
+                return D_x
+            D_uncond = self._call_net(self.net, self.info, x, sigma,
+                                      torch.zeros_like(self.class_labels)).to(torch.float64)
+        return D_uncond + self.guidance * (D_x - D_uncond)
 
 
-def make_denoiser(net, class_labels=None, guidance=1.0, region=None):
-    """The `Denoiser` of `net` with these labels [N, label_dim], guidance weight w and region."""
-    return Denoiser(net, class_labels, guidance, region)
+def make_denoiser(net, class_labels=None, guidance=1.0, region=None, gnet=None, gnet_guidance=1.0):
+    """The `Denoiser` of `net` with these labels [N, label_dim], classifier-free guidance weight w,
+    region, and guide network with its weight."""
+    return Denoiser(net, class_labels, guidance, region, gnet, gnet_guidance)

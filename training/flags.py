@@ -24,8 +24,13 @@ from training import architectures, latents, patching, presets
 # coordinate channels unless --use_pos=0, so 'pedm' and 'edm' are the same.
 PRECONDS = {'edm': 'edm', 'pedm': 'edm', 'vp': 'vp', 've': 've'}
 
-# --dropout when left out: EDM's for a UNet, the DiT paper's for a DiT (config.network_kwargs).
-DEFAULT_DROPOUT = dict(unet=0.13, dit=0)
+# --dropout when left out: EDM's for a UNet, the DiT paper's for a DiT, EDM2's block default for its UNet
+# (config.network_kwargs).
+DEFAULT_DROPOUT = dict(unet=0.13, dit=0, edm2=0)
+
+# What an --arch=edm2-* network trains with when the flags are left out: EDM2's (its train_edm2.py and
+# training loop for ImageNet-512; config.build_config).
+EDM2_DEFAULTS = dict(P_mean=-0.4, P_std=1.0, lr_decay=70000, betas=[0.9, 0.99])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +92,12 @@ FLAGS = (
     Flag('cond', ('--cond',), metavar='BOOL', type=bool, default=False, keys=('dataset_kwargs.use_labels',),
          help='Train a class-conditional model'),
     Flag('arch', ('--arch',), type=click.Choice(sorted(architectures.ARCHITECTURES)), default='ddpmpp',
-         help='Network architecture: a UNet (ddpmpp, ncsnpp, adm) or a DiT of size S, B, L or XL, whose --cbase is '
-              'the hidden size and --blocks the depth (docs/LATENTS_AND_DIT.md)'),
+         help='Network architecture: a UNet (ddpmpp, ncsnpp, adm), EDM2\'s UNet of size XS to XXL with its loss and '
+              'recipe (docs/TRAINING.md), or a DiT of size S, B, L or XL, whose --cbase is the hidden size and '
+              '--blocks the depth (docs/LATENTS_AND_DIT.md)'),
     Flag('precond', ('--precond',), type=click.Choice(list(PRECONDS)), default='edm', keys=('network_kwargs.precond',),
-         help='Preconditioning and loss (pedm, the official default, is edm with coordinates: the same here)'),
+         help='Preconditioning and loss (pedm, the official default, is edm with coordinates: the same here; '
+              'edm2-* archs use EDM2\'s, EDM\'s with learned loss weighting)'),
     Flag('use_pos', ('--use_pos', '--use-pos'), metavar='BOOL', type=bool, default=True,
          keys=('network_kwargs.use_pos',),
          help='Coordinate channels (0: a network shaped as EDM\'s; with --real_p=1, plain EDM training)'),
@@ -149,13 +156,17 @@ FLAGS = (
          keys=('optimizer_kwargs.lr',),
          help='Learning rate'),
     Flag('P_mean', ('--P_mean', '--P-mean'), metavar='FLOAT', type=float, keys=('loss_kwargs.P_mean',),
-         help='EDM loss: mean of ln(sigma)  [default: -1.2]'),
+         help='EDM loss: mean of ln(sigma)  [default: -1.2; edm2-*: -0.4]'),
     Flag('P_std', ('--P_std', '--P-std'), metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
          keys=('loss_kwargs.P_std',),
-         help='EDM loss: std of ln(sigma)  [default: 1.2]'),
+         help='EDM loss: std of ln(sigma)  [default: 1.2; edm2-*: 1.0]'),
     Flag('lr_rampup', ('--lr-rampup', '--lr_rampup'), metavar='KIMG', type=click.FloatRange(min=0), default=10000,
          keys=('lr_rampup_kimg',), copied=True,
          help='Learning-rate ramp-up'),
+    Flag('lr_decay', ('--lr-decay', '--lr_decay'), metavar='BATCHES', type=click.FloatRange(min=0),
+         keys=('lr_decay_batches',),
+         help='Learning-rate decay of EDM2: lr / sqrt(max(images / (BATCHES * --batch), 1)); 0 = off  '
+              f'[default: 0; edm2-*: {EDM2_DEFAULTS["lr_decay"]}]'),
     Flag('ema', ('--ema',), metavar='MIMG', type=click.FloatRange(min=0), default=0.5,
          keys=('ema_halflife_kimg',), scale=1e-3,
          help='EMA half-life'),
@@ -163,8 +174,8 @@ FLAGS = (
          help='Also keep power-function EMAs of these relative widths, saved with each snapshot, for '
               'reconstruct_phema.py (EDM2\'s post-hoc EMA; docs/EVALUATION.md)'),
     Flag('dropout', ('--dropout',), metavar='FLOAT', type=click.FloatRange(0, 1), keys=('network_kwargs.dropout',),
-         help=f'Dropout probability (EDM\'s default for a UNet, the DiT paper\'s for a DiT)  '
-              f'[default: {DEFAULT_DROPOUT["unet"]}; DiT: {DEFAULT_DROPOUT["dit"]}]'),
+         help=f'Dropout probability (EDM\'s default for a UNet, the DiT paper\'s for a DiT, EDM2\'s for its UNet)  '
+              f'[default: {DEFAULT_DROPOUT["unet"]}; DiT: {DEFAULT_DROPOUT["dit"]}; edm2-*: {DEFAULT_DROPOUT["edm2"]}]'),
     Flag('augment', ('--augment',), metavar='FLOAT', type=click.FloatRange(0, 1), default=0.12,
          keys=('augment_kwargs.p',),
          help='Augment probability'),

@@ -7,7 +7,7 @@ import torch
 
 from torch_utils import distributed as dist
 from training import image_io, latents, samplers
-from training.denoiser import make_denoiser, network_info, sampling_region
+from training.denoiser import check_guidance, make_denoiser, network_info, sampling_region
 from training.networks import image_shape, resolution_value
 
 # ----------------------------------------------------------------------------
@@ -16,10 +16,14 @@ from training.networks import image_shape, resolution_value
 
 class StackedRandomGenerator:
     """One torch.Generator per image of a batch, seeded with that image's seed
-    (modulo 2^32, as EDM), so image k draws the same numbers in any batch."""
+    (modulo 2^32, as EDM), so image k draws the same numbers in any batch.
+    `randn_like` draws in `noise_dtype` (None: the input's dtype), returned in
+    the input's dtype: EDM's sampler draws its churn noise in float64, EDM2's
+    in float32."""
 
-    def __init__(self, device, seeds):
+    def __init__(self, device, seeds, noise_dtype=None):
         self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+        self.noise_dtype = noise_dtype
 
     def _check_batch(self, size):
         assert size[0] == len(self.generators), f'batch of {size[0]} for {len(self.generators)} seeds'
@@ -31,7 +35,8 @@ class StackedRandomGenerator:
 
     def randn_like(self, input):
         """`randn` with the shape, dtype, layout and device of `input`."""
-        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+        dtype = input.dtype if self.noise_dtype is None else self.noise_dtype
+        return self.randn(input.shape, dtype=dtype, layout=input.layout, device=input.device).to(input.dtype)
 
     def randint(self, *args, size, **kwargs):
         """torch.randint(*args) of shape `size` = [N, ...]; row k from generator k."""
@@ -92,21 +97,24 @@ def _check_labels(label_dim, class_idx, cfg):
 
 def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=None, resolution=None,
                     image_size=None, x_start=0, y_start=0, rank=None, world_size=None, latent=None,
-                    **sampler_kwargs):
+                    gnet=None, guidance=1.0, **sampler_kwargs):
     """Sample the images of `seeds` that fall to this rank, batch by batch.
 
     net: a network of any convention, on `device` (default: the network's
     device); batch_size: the most images per batch; class_idx: fixed class
-    (None: random per seed, for conditional networks); cfg: guidance
-    weight w (1 = off); resolution, image_size, x_start, y_start: the region,
-    an image_size rectangle (an int side or (height, width)) at column
-    x_start, row y_start of a coordinate frame of `resolution` (an int side
-    or (height, width); default: the network's whole image; see
-    `denoiser.sampling_region`), in the network's pixels (for a latent model,
-    latent pixels); rank, world_size: default torch_utils.distributed's;
-    latent: for a latent model, the metadata {vae, scale_factor,
-    image_resolution (optional)} of its VAE (a snapshot's 'latent' entry; see
-    training.latents.generation_latent): samples are decoded to pixels with
+    (None: random per seed, for conditional networks); cfg: classifier-free
+    guidance weight w (1 = off); gnet, guidance: a guide network on the same
+    device and its weight g, D = D_gnet + g (D - D_gnet) (EDM2's
+    autoguidance; 1 = off; see `denoiser.check_guidance`); resolution,
+    image_size, x_start, y_start: the region, an image_size rectangle (an
+    int side or (height, width)) at column x_start, row y_start of a
+    coordinate frame of `resolution` (an int side or (height, width);
+    default: the network's whole image; see `denoiser.sampling_region`), in
+    the network's pixels (for a latent model, latent pixels); rank,
+    world_size: default torch_utils.distributed's; latent: for a latent
+    model, the metadata {vae, scale_factor, image_resolution (optional)} of
+    its VAE (a snapshot's 'latent' entry), or {vae, scale, bias} for EDM2's
+    per-channel convention (see training.latents.generation_latent): samples are decoded to pixels with
     that VAE, loaded now; sampler_kwargs: see `samplers.select_sampler`.
     Arguments are checked at the call (ValueError).
 
@@ -118,6 +126,7 @@ def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=N
     info = network_info(net)
     region = sampling_region(net, resolution, image_size, x_start, y_start)
     _check_labels(info.label_dim, class_idx, cfg)
+    check_guidance(net, cfg, gnet, guidance)
     sampler, sampler_kwargs = samplers.select_sampler(**sampler_kwargs)
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size
@@ -128,8 +137,8 @@ def generate_images(net, seeds, batch_size=64, class_idx=None, cfg=1.0, device=N
     if latent is not None:
         latent = _latent_of_size(latent, region.size, info.img_shape)
         decode = latents.pixel_decoder(latent, info.img_channels, device)
-    return _generate_batches(net, info, batches, shape, class_idx, cfg, region, device, sampler, sampler_kwargs,
-                             decode)
+    guide = dict(guidance=cfg, region=region, gnet=gnet, gnet_guidance=guidance)
+    return _generate_batches(net, info, batches, shape, class_idx, guide, device, sampler, sampler_kwargs, decode)
 
 
 def _latent_of_size(latent, size, latent_shape):
@@ -146,12 +155,12 @@ def _latent_of_size(latent, size, latent_shape):
     return scaled
 
 
-def _generate_batches(net, info, batches, shape, class_idx, cfg, region, device, sampler, sampler_kwargs, decode):
+def _generate_batches(net, info, batches, shape, class_idx, guide, device, sampler, sampler_kwargs, decode):
     for batch_seeds in batches:
-        rnd = StackedRandomGenerator(device, batch_seeds)
+        rnd = StackedRandomGenerator(device, batch_seeds, torch.float32 if info.family == 'edm2' else None)
         noise = rnd.randn([len(batch_seeds), *shape], device=device)
         class_labels = random_class_labels(rnd, info.label_dim, len(batch_seeds), class_idx, device)
-        denoise = make_denoiser(net, class_labels, cfg, region)
+        denoise = make_denoiser(net, class_labels, **guide)
         samples = sampler(denoise, noise, rnd.randn_like, **sampler_kwargs)
         yield batch_seeds, decode(samples)
 

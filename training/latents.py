@@ -28,6 +28,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 import torch
 
 import dnnlib
@@ -145,8 +146,43 @@ def decode_latents(vae, latents, scale_factor):
     return to_uint8(images.to(torch.float32))
 
 
+def decode_edm2_latents(vae, latents, scale, bias):
+    """Latents [N, C, h, w] in EDM2's units, scale * z + bias per channel
+    (scale, bias: C floats) -> uint8 images [N, 3, h f, w f] on the VAE's
+    device, in EDM2's convention: its VAE sees [0, 1] images, so the decoded
+    ones are clamped to [0, 1] and scaled by 255, truncated."""
+    x = latents.to(_vae_device(vae), torch.float32)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+    bias = torch.as_tensor(bias, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+    z = (x - bias) / scale
+    with torch.no_grad():
+        images = vae.decode(z.to(vae.dtype)).sample
+    return (images.to(torch.float32).clamp(0, 1) * 255).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------
-# Latent metadata: what a snapshot records under 'latent'.
+# Latent metadata: what a snapshot records under 'latent', or EDM2's 'encoder'.
+
+# EDM2's encoders, by class name (the classes of a pickle come from its embedded source, so only names
+# and attributes tell them): pixels in [-1, 1], or latents of a Stability VAE with per-channel scale and bias.
+EDM2_PIXEL_ENCODER = 'StandardRGBEncoder'
+EDM2_VAE_ENCODER = 'StabilityVAEEncoder'
+_EDM2_VAE_ATTRIBUTES = ('vae_name', 'scale', 'bias')
+
+
+def encoder_latent(encoder):
+    """The latent metadata of an EDM2 snapshot's 'encoder' entry: None for
+    its StandardRGBEncoder (a pixel model), EasyDict(vae = its vae_name,
+    scale, bias = per-channel lists of floats) for its StabilityVAEEncoder.
+    ValueError naming any other encoder."""
+    name = type(encoder).__name__
+    if name == EDM2_PIXEL_ENCODER:
+        return None
+    if name == EDM2_VAE_ENCODER and all(hasattr(encoder, attr) for attr in _EDM2_VAE_ATTRIBUTES):
+        scale, bias = (np.asarray(value, dtype=np.float32).ravel().tolist() for value in (encoder.scale, encoder.bias))
+        return dnnlib.EasyDict(vae=str(encoder.vae_name), scale=scale, bias=bias)
+    raise ValueError(f'The snapshot\'s encoder is a {name}, which this code cannot decode: it knows EDM2\'s '
+                     f'{EDM2_PIXEL_ENCODER} and {EDM2_VAE_ENCODER} (with {", ".join(_EDM2_VAE_ATTRIBUTES)})')
 
 
 def latent_info(vae, scale_factor, image_resolution, latent_channels, latent_resolution):
@@ -160,16 +196,25 @@ def latent_info(vae, scale_factor, image_resolution, latent_channels, latent_res
                            latent_channels=int(latent_channels), latent_resolution=resolution_value(latent_resolution))
 
 
-def generation_latent(recorded=None, on_latents=None, vae=None, scale_factor=None):
+def generation_latent(recorded=None, on_latents=None, vae=None, scale_factor=None, encoder=None):
     """The latent metadata to decode with at generation, or None for a pixel model.
 
     recorded: the snapshot's 'latent' entry (None for pixel models and for
     official latent pickles, which record nothing); on_latents: None = as
     recorded, True = a latent model (needed for official pickles), False = a
     pixel model; vae, scale_factor: override the recorded ones (defaults
-    DEFAULT_VAE, DEFAULT_SCALE_FACTOR when nothing is recorded). ValueError
+    DEFAULT_VAE, DEFAULT_SCALE_FACTOR when nothing is recorded); encoder: an
+    EDM2 snapshot's 'encoder' entry, used when nothing is recorded under
+    'latent' (see `encoder_latent`; --vae overrides its VAE). ValueError
     for contradicting settings.
     """
+    if recorded is None and encoder is not None:
+        edm2_latent = encoder_latent(encoder)
+        if edm2_latent is not None:
+            return _edm2_generation_latent(edm2_latent, on_latents, vae, scale_factor)
+        if on_latents:
+            raise ValueError(f'This EDM2 snapshot\'s encoder is a {EDM2_PIXEL_ENCODER}: the network makes pixels, '
+                             f'so leave --on_latents out')
     if on_latents is False and recorded is not None:
         raise ValueError(f'This network was trained on latents of the VAE {recorded["vae"]}; its samples must be '
                          f'decoded, so leave --on_latents out')
@@ -186,17 +231,37 @@ def generation_latent(recorded=None, on_latents=None, vae=None, scale_factor=Non
     return latent
 
 
+def _edm2_generation_latent(latent, on_latents, vae, scale_factor):
+    """`encoder_latent`'s metadata of an EDM2 latent model, checked against the flags."""
+    if on_latents is False:
+        raise ValueError(f'This EDM2 snapshot\'s encoder is a {EDM2_VAE_ENCODER} (VAE {latent.vae}): its samples '
+                         f'must be decoded, so leave --on_latents out')
+    if scale_factor is not None:
+        raise ValueError(f'--scale_factor={scale_factor}: this EDM2 snapshot\'s encoder records a scale and bias '
+                         f'per latent channel; leave --scale_factor out')
+    if vae is not None:
+        latent.vae = os.fspath(vae)
+    return latent
+
+
 def pixel_decoder(latent, img_channels, device):
     """decode(latents float [N, C, h, w]) -> uint8 images [N, 3, H, W] for a
     latent model with metadata `latent` (see `generation_latent`) whose
-    network makes `img_channels`-channel samples. Loads the VAE now, so a
-    bad setting fails here; ValueError when the VAE does not fit the network
-    or, at decoding, the images do not have the recorded resolution."""
+    network makes `img_channels`-channel samples; EDM2's per-channel scale
+    and bias where `latent` has them (`decode_edm2_latents`). Loads the VAE
+    now, so a bad setting fails here; ValueError when the VAE does not fit
+    the network or, at decoding, the images do not have the recorded
+    resolution."""
     vae = load_vae(latent['vae'], device)
     if img_channels != vae.config.latent_channels:
         raise ValueError(f'The network makes {img_channels}-channel samples, but the VAE {latent["vae"]} decodes '
                          f'{vae.config.latent_channels}-channel latents; is this a latent model, and the VAE '
                          f'it was trained with?')
+    if 'bias' in latent:
+        if not len(latent['scale']) == len(latent['bias']) == img_channels:
+            raise ValueError(f'The encoder has {len(latent["scale"])} scales and {len(latent["bias"])} biases for '
+                             f'the network\'s {img_channels} latent channels; is it this network\'s snapshot?')
+        return functools.partial(decode_edm2_latents, vae, scale=latent['scale'], bias=latent['bias'])
     expected = latent.get('image_resolution')
     expected = None if expected is None else image_shape(expected)
 

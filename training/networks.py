@@ -1,14 +1,16 @@
 """Preconditioners and the coordinate channels of Patch Diffusion.
 
 Preconditioners (EDM paper, Table 1; docs/DESIGN.md section 1): `VPPrecond`,
-`VEPrecond`, `EDMPrecond`. Each computes
+`VEPrecond`, `EDMPrecond`, and `EDM2Precond` (EDM's preconditioning with
+EDM2's log-variance output and call order). Each computes
 
     D(x; sigma) = c_skip * x + c_out * F(cat(c_in * x, pos); c_noise)
 
 where `pos` are the optional Patch Diffusion coordinate channels (docs/DESIGN.md
 section 2), added after c_in scaling and carrying no noise, and F the
 architecture named by `model_type` (training/architectures.py: the UNets of
-training/networks_unet.py, the DiT of training/networks_dit.py).
+training/networks_unet.py and training/networks_edm2.py, the DiT of
+training/networks_dit.py).
 
 The coordinate grid (image_shape, patch_grid, full_grid, ...) lives here, not
 in patching.py, and the architectures are looked up only when a network is
@@ -314,17 +316,81 @@ class EDMPrecond(_Precond):
 
     def preconditioning(self, sigma):
         """sigma [N, 1, 1, 1] -> (c_skip, c_out, c_in, c_noise), each [N, 1, 1, 1]."""
-        sd = self.sigma_data
-        total = sigma ** 2 + sd ** 2                    # sigma^2 + sigma_data^2
-        root = total.sqrt()
-        c_skip = sd ** 2 / total
-        c_out = sigma * sd / root
-        c_in = 1 / root
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
+        return edm_preconditioning(sigma, self.sigma_data)
 
 
-PRECONDITIONERS = {'vp': VPPrecond, 've': VEPrecond, 'edm': EDMPrecond}
+@persistence.persistent_class
+class EDM2Precond(_Precond):
+    """EDM2's preconditioning and uncertainty estimate (EDM2 paper, section 2 and
+    eq. 21): EDM's c_skip, c_out, c_in, c_noise around EDM2's UNet
+    (training/networks_edm2.py), plus the log-variance u(sigma) of the loss
+    weighting, a magnitude-preserving Fourier embedding of c_noise and one
+    MPConv (`logvar_fourier`, `logvar_linear`, as EDM2 names them).
+
+    Its call has EDM2's order, net(x, sigma, class_labels), so that EDM2's
+    generate_images.py samples it; the coordinates come by keyword (pos=).
+    """
+
+    def __init__(self,
+                 img_resolution,                 # Side R of the full image (the shorter side if not square).
+                 img_channels,                   # Image channels C (without coordinate channels).
+                 label_dim=0,                    # Number of class labels, 0 = unconditional.
+                 use_fp16=False,                 # Run the UNet in fp16 on CUDA.
+                 sigma_data=0.5,                 # Expected standard deviation of the training data.
+                 logvar_channels=128,            # Fourier features of the log-variance estimate.
+                 model_type='EDM2UNet',          # Key of architectures.MODELS.
+                 use_pos=False,                  # Add coordinate channels (Patch Diffusion).
+                 pos_freqs=0,                    # Sin/cos frequencies added to the coordinate channels.
+                 implicit_mlp=False,             # Passed to the UNet (EDM2's refuses it).
+                 img_shape=None,                 # [H, W] of a non-square image (img_resolution = min(H, W)).
+                 **model_kwargs,                 # Passed to the UNet.
+                 ):
+        from training.networks_edm2 import MPConv, MPFourier   # here, not at the top: see the module docstring
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_pos, pos_freqs, implicit_mlp,
+                         model_type, model_kwargs, img_shape)
+        self.sigma_min = 0
+        self.sigma_max = float('inf')
+        self.sigma_data = sigma_data
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, pos=None,
+                augment_labels=None):
+        """Denoised image D_x [N, C, H, W] float32, and with return_logvar also
+        the log-variance [N, 1, 1, 1] float32 of the loss weighting.
+
+        x: noisy image or patch [N, C, H, W]; sigma: scalar or [N];
+        class_labels: [N, label_dim] (None = zeros); pos: coordinates
+        [N, 2, H, W] (None = the full image grid) for a use_pos network;
+        augment_labels: [N, augment_dim] or None. The UNet runs in fp16 when
+        use_fp16, not force_fp32 and x is on CUDA.
+        """
+        x = x.to(torch.float32)
+        sigma = self._sigma_column(sigma, x)
+        class_labels = self._class_labels(class_labels, x)
+        coords = self._coordinate_channels(pos, x)
+        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
+
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        x_in = c_in * x
+        if coords is not None:
+            x_in = torch.cat([x_in, coords], dim=1)
+        F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, augment_labels=augment_labels)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if not return_logvar:
+            return D_x
+        logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)   # u(sigma), eq. 21
+        return D_x, logvar.to(torch.float32)
+
+
+def edm_preconditioning(sigma, sd):
+    """EDM's (c_skip, c_out, c_in, c_noise) of sigma [N, 1, 1, 1] and sigma_data sd (EDM paper, Table 1)."""
+    total = sigma ** 2 + sd ** 2                    # sigma^2 + sigma_data^2
+    root = total.sqrt()
+    return sd ** 2 / total, sigma * sd / root, 1 / root, sigma.log() / 4
+
+
+PRECONDITIONERS = {'vp': VPPrecond, 've': VEPrecond, 'edm': EDMPrecond, 'edm2': EDM2Precond}
 
 
 # ----------------------------------------------------------------------------

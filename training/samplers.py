@@ -254,6 +254,9 @@ def edm_sampler(denoise, latents, randn_like=torch.randn_like,
     num_steps: N; sigma_min, sigma_max, rho: the time steps (Eq. 5), clamped to
     the network's range; S_churn, S_min, S_max, S_noise: churn, with
     gamma = min(S_churn / N, sqrt(2) - 1) on steps with S_min <= sigma <= S_max.
+    The churn noise is drawn at every step, as EDM's sampler does, or only on
+    the steps that churn for a denoiser with `draws_only_when_churning` (EDM2's
+    networks, whose sampler does so): the same arithmetic, another random stream.
     """
     _check_sampler_args(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
     t_steps = _edm_time_steps(denoise, num_steps, sigma_min, sigma_max, rho, latents.device)
@@ -265,7 +268,10 @@ def edm_sampler(denoise, latents, randn_like=torch.randn_like,
         # Churn: raise the noise level to t_hat = (1 + gamma) t_cur.
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
         t_hat = denoise.round_sigma(t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        if gamma > 0 or not getattr(denoise, 'draws_only_when_churning', False):   # EDM draws at every step
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        else:
+            x_hat = x_cur   # EDM2's sampler: the same x (the noise added would be times 0), no draw
 
         # Euler step from t_hat to t_next.
         D_x = denoise(x_hat, t_hat)

@@ -22,10 +22,13 @@ import torch
 
 import dnnlib
 from torch_utils import misc, persistence
-from training import networks
+from training import encoders, networks
 from training.denoiser import make_denoiser, network_info
 
-_REQUIRED_ATTRIBUTES = ('img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
+# Networks without sigma_min, sigma_max and round_sigma (EDM2's) take any sigma > 0, unrounded.
+_REQUIRED_ATTRIBUTES = ('img_channels', 'label_dim')
+# Our preconditioner whose snapshots also carry EDM2's 'encoder' entry, for EDM2's generate_images.py.
+_EDM2_LAYOUT_CLASS = 'EDM2Precond'
 SNAPSHOT_FORMATS = ('pkl', 'safetensors', 'both')
 # The 'format' entry of a training state (training.runs.save_state): a torch.save archive, never a network file.
 TRAINING_STATE_FORMAT = 'patch-diffusion-state-v1'
@@ -38,10 +41,12 @@ _ZIP_MAGIC = b'PK\x03\x04'
 def load_network(path_or_url, device='cpu', verbose=False):
     """Load the network of a snapshot: a .safetensors snapshot (see
     `save_network_safetensors`; nothing is unpickled), or a pickle (ours,
-    EDM's or the official one's) with the network under 'ema'.
+    EDM's, EDM2's or the official one's) with the network under 'ema'.
 
-    Returns (net, meta): net in eval mode on `device`, gradients off; meta =
-    EasyDict of the snapshot's other entries (dataset_kwargs, ...). Raises
+    Returns (net, meta): net in eval mode on `device`, gradients off, its
+    weights in the precision stored (EDM2's float16 ones stay so); meta =
+    EasyDict of the snapshot's other entries (dataset_kwargs, EDM2's
+    encoder, ...). Raises
     ValueError with a one-line message that names the file for a missing,
     unfetchable, truncated or unreadable file and for contents that are not
     a network snapshot. A path or URL ending in .safetensors is never
@@ -278,12 +283,16 @@ def save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, extra=None, 
     """Write a network snapshot, atomically: `path` (a .pkl in EDM's layout,
     plus the entries of `extra`) and/or, with snapshot_format 'safetensors'
     or 'both', the same name with .safetensors (loadable without
-    unpickling). Returns the paths written."""
+    unpickling). The pickle of a pixel-space EDM2Precond also holds EDM2's
+    'encoder' entry (training.encoders.StandardRGBEncoder), so that EDM2's
+    generate_images.py samples it. Returns the paths written."""
     if snapshot_format not in SNAPSHOT_FORMATS:
         raise ValueError(f'snapshot_format={snapshot_format!r}; choose one of {", ".join(SNAPSHOT_FORMATS)}')
     ema = copy.deepcopy(ema).eval().requires_grad_(False).cpu().to(memory_format=torch.contiguous_format)
     data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dnnlib.EasyDict(dataset_kwargs))
     data.update(extra or {})
+    if type(ema).__name__ == _EDM2_LAYOUT_CLASS and data.get('latent') is None:
+        data.setdefault('encoder', encoders.StandardRGBEncoder())
     paths = []
     if snapshot_format in ('pkl', 'both'):
         with dnnlib.util.atomic_write(path) as f:

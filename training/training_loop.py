@@ -12,7 +12,8 @@ One step (`Trainer.step`):
      of launching the network's kernels, shrink with its work.
   3. Non-finite gradients skip the optimizer step and are counted (never
      zeroed silently); too many stop the run.
-  4. Adam with learning-rate ramp-up, then an EMA update with a half-life in
+  4. Adam with learning-rate ramp-up (and EDM2's inverse-square-root decay
+     with --lr-decay), then an EMA update with a half-life in
      images and ramp-up.
 The progress counter adds the images each step used, batch * m(P). All randomness of a
 step comes from generators seeded by (seed, rank, step), so a resumed run
@@ -111,14 +112,15 @@ class Trainer:
     def __init__(self, dataset_kwargs=None, data_loader_kwargs=None, network_kwargs=None, loss_kwargs=None,
                  optimizer_kwargs=None, augment_kwargs=None, patch_kwargs=None, latent_kwargs=None,
                  performance_kwargs=None, seed=0, batch_size=512, batch_gpu=None, total_kimg=200000,
-                 ema_halflife_kimg=500, ema_rampup_ratio=0.05, ema_stds=(), lr_rampup_kimg=10000, loss_scaling=1,
-                 device='cpu', dataset=None):
+                 ema_halflife_kimg=500, ema_rampup_ratio=0.05, ema_stds=(), lr_rampup_kimg=10000, lr_decay_batches=0,
+                 loss_scaling=1, device='cpu', dataset=None):
         """The resolved options of training.config.build_config (see there),
         on `device`; `dataset`: an opened dataset instead of dataset_kwargs.
         performance_kwargs: precision ('fp32' | 'bf16' autocast),
         channels_last, compile_kwargs (None: eager; else torch.compile's).
         ema_stds: relative widths of power-function EMAs kept besides the
-        classic one (training.phema), on rank 0 only: they are only saved."""
+        classic one (training.phema), on rank 0 only: they are only saved.
+        lr_decay_batches: EDM2's decay (`learning_rate`), 0 = none."""
         self.device = device = torch.device(device)
         rank, world = dist.get_rank(), dist.get_world_size()
         self.seed, self.rank = seed, rank
@@ -171,7 +173,7 @@ class Trainer:
         self._last_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.base_lr = optimizer_kwargs['lr']
         self.ema_halflife_kimg, self.ema_rampup_ratio = ema_halflife_kimg, ema_rampup_ratio
-        self.lr_rampup_kimg, self.loss_scaling = lr_rampup_kimg, loss_scaling
+        self.lr_rampup_kimg, self.lr_decay_batches, self.loss_scaling = lr_rampup_kimg, lr_decay_batches, loss_scaling
         self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=(performance['precision'] == 'bf16'))
         self.ddp = self.net
         if world > 1:
@@ -194,6 +196,17 @@ class Trainer:
         """0-based index of the newest step with non-finite gradients, or None."""
         value = int(self._last_bad_step.item())
         return None if value < 0 else value
+
+    def learning_rate(self, nimg):
+        """The learning rate of a step after `nimg` images: --lr, divided by
+        sqrt(max(nimg / (lr_decay_batches * batch), 1)) (EDM2's inverse
+        square root decay; 0 = none), times the ramp-up min(nimg / lr_rampup, 1)."""
+        lr = self.base_lr
+        if self.lr_decay_batches:
+            lr /= float(np.sqrt(max(nimg / (self.lr_decay_batches * self.batch_size), 1)))   # a float: states load weights-only
+        if self.lr_rampup_kimg:
+            lr *= min(nimg / (self.lr_rampup_kimg * 1000), 1)
+        return lr
 
     def round_plan(self, m, merge=None):
         """(rounds, loader batches per round) of a step with multiplier m.
@@ -322,9 +335,7 @@ class Trainer:
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         if grads:
             found_inf = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().logical_not()
-            lr = self.base_lr
-            if self.lr_rampup_kimg:
-                lr *= min(nimg / (self.lr_rampup_kimg * 1000), 1)
+            lr = self.learning_rate(nimg)
             for group in self.optimizer.param_groups:
                 group['lr'] = lr
             self.optimizer.found_inf = found_inf.to(torch.float32)
@@ -479,6 +490,9 @@ def _print_network_summary(trainer):
     net, n = trainer.net, min(trainer.batch_gpu, 4)
     x = torch.zeros([n, net.img_channels, *trainer.schedule.shape], device=trainer.device)
     sigma = torch.ones([n], device=trainer.device)
-    labels = torch.zeros([n, net.label_dim], device=trainer.device)
-    with torch.no_grad():
-        misc.print_module_summary(net, [x, sigma, None, labels], max_nesting=2)
+    net.eval()   # in training mode EDM2's layers would rewrite their weights (forced weight normalisation)
+    try:
+        with torch.no_grad():
+            misc.print_module_summary(net, [x, sigma], max_nesting=2)   # labels: zeros; coordinates: the full grid
+    finally:
+        net.train()
