@@ -187,11 +187,12 @@ def config_label(key):
 def make_trainer(dataset, real_p, seed, batch, lr, ema_kimg, device, preset='cpu-demo', P_mean=None, P_std=None,
                  channels_last=False, crop_align='pixel'):
     """A Trainer of a preset's network (default cpu-demo, the `make demo` network) on `dataset`, in rounds
-    of the whole batch, with a 1-kimg learning-rate ramp-up. P_mean, P_std: the EDM loss's noise levels
-    (None: the loss's defaults, as in train.py); crop_align: patching.PatchSchedule's."""
+    of the whole batch, with a 1-kimg learning-rate ramp-up. P_mean, P_std: the loss's noise levels
+    (None: the preset's, else the loss's defaults, as in train.py); crop_align: patching.PatchSchedule's."""
+    noise_levels = {key: value for key, value in (('P_mean', P_mean), ('P_std', P_std)) if value is not None}
     trainer = common.make_trainer(common.PRESETS[preset], dataset, device, real_p=real_p, seed=seed, batch=batch,
-                                  batch_gpu=None, lr=lr, ema=ema_kimg / 1000, lr_rampup=1, P_mean=P_mean,
-                                  P_std=P_std, channels_last=channels_last)
+                                  batch_gpu=None, lr=lr, ema=ema_kimg / 1000, lr_rampup=1,
+                                  channels_last=channels_last, **noise_levels)   # None: the preset's, else the loss's
     trainer.schedule.crop_align = crop_align   # not a train.py option: set on the schedule the Trainer made
     return trainer
 
@@ -284,9 +285,9 @@ def plot(summary, path):
               help='The network (bench_common.PRESETS; cpu-demo is the `make demo` network)')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), help='Batch size  [default: the preset\'s]')
 @click.option('--P-mean', '--P_mean', 'P_mean', metavar='FLOAT', type=float,
-              help='EDM loss: mean of ln(sigma)  [default: the loss\'s, -1.2]')
+              help='EDM loss: mean of ln(sigma)  [default: the preset\'s, else the loss\'s: -1.2, EDM2 -0.4]')
 @click.option('--P-std', '--P_std', 'P_std', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
-              help='EDM loss: std of ln(sigma)  [default: the loss\'s, 1.2]')
+              help='EDM loss: std of ln(sigma)  [default: the preset\'s, else the loss\'s: 1.2, EDM2 1.0]')
 @click.option('--channels-last', 'channels_last', is_flag=True, help='Networks in channels-last memory format')
 @click.option('--lr', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
 @click.option('--ema', 'ema_kimg', metavar='KIMG', type=click.FloatRange(min=0), default=2, show_default=True,

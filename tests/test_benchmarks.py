@@ -236,6 +236,16 @@ def test_quality_configurations_name_real_p_and_where_crops_start(shapes_zip):
     assert trainer.schedule.crop_align == 'grid' and trainer.schedule.corner_step == trainer.schedule.multiple > 1
 
 
+def test_quality_noise_levels_are_the_presets_unless_given(shapes_zip):
+    dataset = ImageFolderDataset(shapes_zip, cache=True)
+    preset = quality_vs_time.make_trainer(dataset, 1.0, 0, 4, 1e-2, 0.5, 'cpu', preset='edm2-tiny')
+    assert (preset.loss_fn.P_mean, preset.loss_fn.P_std) == (-0.8, 1.6)   # bench_common's edm2-tiny
+    typed = quality_vs_time.make_trainer(dataset, 1.0, 0, 4, 1e-2, 0.5, 'cpu', preset='edm2-tiny', P_mean=-1.0)
+    assert (typed.loss_fn.P_mean, typed.loss_fn.P_std) == (-1.0, 1.6)
+    plain = quality_vs_time.make_trainer(dataset, 1.0, 0, 4, 1e-3, 0.5, 'cpu')
+    assert (plain.loss_fn.P_mean, plain.loss_fn.P_std) == (-1.2, 1.2)   # cpu-demo: the EDM loss's defaults
+
+
 def test_check_vs_edm2_refuses_a_folder_that_is_not_edm2_and_maps_its_names(tmp_path):
     result = CliRunner().invoke(check_vs_edm2.main, [f'--edm2={tmp_path}'])
     assert result.exit_code == 1 and 'does not look like a checkout of EDM2' in result.output
