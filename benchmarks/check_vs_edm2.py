@@ -22,9 +22,11 @@ sizes (a 16x16 RGB network of 5 classes, cbase 16, 2 levels, attention at 8):
               StandardRGBEncoder), plain, with a guide network (--guidance
               1.5) and with churn (S_churn 10), against our generate.py on the same files:
               the largest difference of the PNGs in levels (1 LSB = 1);
-4. our files  a snapshot of our EDM2Precond (no coordinates), written by
+4. our files  snapshots of our EDM2Precond (no coordinates), written by
               training.snapshots.save_snapshot, sampled by EDM2's
-              generate_images() and by our generate.py.
+              generate_images() and by our generate.py: the pixel network of
+              1., and an 8x8x4 latent network decoded by its encoder entry
+              with a tiny randomly initialised VAE (no download).
 
 Prints one line per check and the JSON summary last (--json also writes it).
 Exit status 1 if a check exceeds its limit (network and training: 1e-5
@@ -44,7 +46,7 @@ import PIL.Image
 import torch
 
 import bench_common as common
-from training import snapshots
+from training import latents, snapshots
 from training.architectures import build_network
 from training.loss import EDM2Loss
 from training.training_loop import Trainer
@@ -78,6 +80,15 @@ def our_generate(network, outdir, gnet=None, guidance=1, S_churn=0):
                             env=dict(os.environ, PYTHONPATH=common.REPO_ROOT))
     if result.returncode:
         raise click.ClickException(f'our generate.py failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}')
+
+
+def tiny_vae():
+    """A randomly initialised AutoencoderKL (2x downsampling, 4 latent channels) built from a config."""
+    import diffusers
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
+                                   up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(32, 32),
+                                   layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=16)
 
 
 def png_difference(dir_a, dir_b):
@@ -161,10 +172,23 @@ def main(edm2_dir, json_path):
         ours_pkl = os.path.join(work, 'ours-net.pkl')
         snapshots.save_snapshot(ours_pkl, ours_from(torch.load(os.path.join(work, 'edm2-state.pt'))).eval(),
                                 loss_fn=None, augment_pipe=None, dataset_kwargs={})
+        # Our latent snapshot: its LatentVAEEncoder decodes with a tiny VAE made here (no download).
+        vae_dir = os.path.join(work, 'vae')
+        tiny_vae().save_pretrained(vae_dir)
+        torch.manual_seed(2)
+        latent_net = build_network(dict(precond='edm2', model_type='EDM2UNet', use_pos=False, use_fp16=False,
+                                        dropout=0, **CONFIG['unet']), 8, 4, 0).eval()
+        with torch.no_grad():
+            for param in latent_net.parameters():
+                if param.ndim == 0:
+                    param.copy_(torch.rand([]) + 0.3)
+        snapshots.save_snapshot(os.path.join(work, 'ours-latent.pkl'), latent_net, loss_fn=None, augment_pipe=None,
+                                dataset_kwargs={}, extra=dict(latent=latents.latent_info(vae_dir, 0.5, 16, 4, 8)))
         cases = [('edm2 pickle', 'edm2-net.pkl', None, 1, 0),
                  ('edm2 pickle, guided', 'edm2-net.pkl', 'edm2-gnet.pkl', 1.5, 0),
                  ('edm2 pickle, S_churn 10', 'edm2-net.pkl', None, 1, 10),
-                 ('our pickle', 'ours-net.pkl', None, 1, 0)]
+                 ('our pickle', 'ours-net.pkl', None, 1, 0),
+                 ('our latent pickle (tiny VAE)', 'ours-latent.pkl', None, 1, 0)]
         summary['sampling'] = {}
         for label, net_name, gnet_name, guidance, S_churn in cases:
             theirs_dir, ours_dir = (os.path.join(work, f'{side}-{len(summary["sampling"])}') for side in ('edm2', 'ours'))

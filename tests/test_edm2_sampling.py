@@ -305,11 +305,8 @@ def test_guide_with_coordinates_gets_them_and_labels_only_when_conditional():
 
 def test_edm2_precond_snapshot_carries_edm2s_pixel_encoder(tmp_path):
     """Our EDM2Precond: called with pos=, and its snapshots hold EDM2's 'encoder' entry."""
-    precond = getattr(networks, 'EDM2Precond', None)
-    if precond is None:
-        pytest.skip('training.networks.EDM2Precond does not exist yet')
     torch.manual_seed(0)
-    net = precond(img_resolution=8, img_channels=3, label_dim=0, use_pos=True, model_channels=8,
+    net = networks.EDM2Precond(img_resolution=8, img_channels=3, label_dim=0, use_pos=True, model_channels=8,
                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
     assert denoiser.network_info(net).convention == 'ours_edm2'
     (path,) = snapshots.save_snapshot(str(tmp_path / 'net.pkl'), net, None, None, dict(resolution=8))
@@ -318,6 +315,32 @@ def test_edm2_precond_snapshot_carries_edm2s_pixel_encoder(tmp_path):
     assert latents.generation_latent(meta.get('latent'), encoder=meta.encoder) is None
     (_, images), = generation.generate_images(loaded, [0, 1], num_steps=3, image_size=4, x_start=4, y_start=2)
     assert images.shape == (2, 3, 4, 4) and images.dtype == torch.uint8
+
+
+def test_edm2_precond_latent_snapshot_carries_an_encoder_that_decodes_as_ours(tmp_path):
+    """A latent EDM2Precond snapshot's 'encoder' (for EDM2's generate_images.py) decodes our latents as
+    training.latents.decode_latents does, with the run's VAE and scale factor; our loader keeps using
+    the recorded 'latent' entry."""
+    diffusers = pytest.importorskip('diffusers')
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
+                            up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(32, 32),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=32,
+                            sample_size=16).save_pretrained(tmp_path / 'vae')
+    latent = latents.latent_info(str(tmp_path / 'vae'), 0.5, 16, 4, 8)
+    net = networks.EDM2Precond(img_resolution=8, img_channels=4, label_dim=0, use_pos=True, model_channels=8,
+                               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    (path,) = snapshots.save_snapshot(str(tmp_path / 'net.pkl'), net, None, None, dict(resolution=8),
+                                      extra=dict(latent=latent))
+    encoder = _unpickle(path)['encoder']
+    assert type(encoder).__name__ == 'LatentVAEEncoder' and encoder._vae is None
+    samples = torch.randn([3, 4, 8, 8], generator=torch.Generator().manual_seed(1))
+    expected = latents.decode_latents(latents.load_vae(str(tmp_path / 'vae')), samples, 0.5)
+    decoded = encoder.decode(samples)
+    assert decoded.shape == (3, 3, 16, 16) and torch.equal(decoded, expected)
+    assert pickle.loads(pickle.dumps(encoder))._vae is None   # the loaded VAE is never pickled
+    _, meta = snapshots.load_network(path)
+    assert latents.generation_latent(meta.get('latent'), encoder=meta.encoder).scale_factor == 0.5
 
 
 def test_our_encoder_decodes_as_edm2s_standard_rgb_encoder():

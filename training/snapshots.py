@@ -283,16 +283,19 @@ def save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, extra=None, 
     """Write a network snapshot, atomically: `path` (a .pkl in EDM's layout,
     plus the entries of `extra`) and/or, with snapshot_format 'safetensors'
     or 'both', the same name with .safetensors (loadable without
-    unpickling). The pickle of a pixel-space EDM2Precond also holds EDM2's
-    'encoder' entry (training.encoders.StandardRGBEncoder), so that EDM2's
-    generate_images.py samples it. Returns the paths written."""
+    unpickling). The pickle of an EDM2Precond also holds EDM2's 'encoder'
+    entry (training.encoders: StandardRGBEncoder for pixels, LatentVAEEncoder
+    with the run's VAE for latents), so that EDM2's generate_images.py
+    samples it. Returns the paths written."""
     if snapshot_format not in SNAPSHOT_FORMATS:
         raise ValueError(f'snapshot_format={snapshot_format!r}; choose one of {", ".join(SNAPSHOT_FORMATS)}')
     ema = copy.deepcopy(ema).eval().requires_grad_(False).cpu().to(memory_format=torch.contiguous_format)
     data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dnnlib.EasyDict(dataset_kwargs))
     data.update(extra or {})
-    if type(ema).__name__ == _EDM2_LAYOUT_CLASS and data.get('latent') is None:
-        data.setdefault('encoder', encoders.StandardRGBEncoder())
+    if type(ema).__name__ == _EDM2_LAYOUT_CLASS:
+        latent = data.get('latent')
+        data.setdefault('encoder', encoders.StandardRGBEncoder() if latent is None else
+                        encoders.LatentVAEEncoder(latent['vae'], latent['scale_factor']))
     paths = []
     if snapshot_format in ('pkl', 'both'):
         with dnnlib.util.atomic_write(path) as f:
