@@ -165,3 +165,25 @@ def test_dead_or_stuck_peer_ends_with_an_error(tmp_path, subprocess_env, straggl
     assert result != 'no error' and float(waited) < 30, result
     if straggler == 'hang':   # only the timeout can end this wait (a dead peer closes its sockets)
         assert float(waited) >= 4, result
+
+
+def test_shutdown_stops_the_sign_of_life_thread_before_the_groups_end():
+    """dist.shutdown ends the thread that writes this rank's signs of life, so no thread is left
+    inside a store call while the process exits."""
+    import threading
+
+    class Store:
+        def __init__(self):
+            self.sets = []
+
+        def set(self, key, value):
+            self.sets.append(key)
+
+    store = Store()
+    dist._alive_stop.clear()
+    thread = threading.Thread(target=dist._signs_of_life, args=(store, 3), daemon=True)
+    dist._alive_thread[:] = [thread]
+    thread.start()
+    dist.shutdown()
+    assert not thread.is_alive() and dist._alive_thread == []
+    assert store.sets and set(store.sets) == {'pd-alive/3'}

@@ -250,7 +250,8 @@ def test_an_orphan_that_cannot_reach_a_step_boundary_exits_after_the_hang_timeou
 
 def test_repeated_sigterms_are_one_request_and_a_second_ctrl_c_forces():
     """In this process: SIGTERM twice and a SIGUSR1 are one request; a second
-    SIGINT raises KeyboardInterrupt at once (Python's default Ctrl-C)."""
+    SIGINT raises KeyboardInterrupt at once (Python's default Ctrl-C, set here:
+    a process started in the background of a shell inherits SIGINT ignored)."""
     before = signal.getsignal(signal.SIGTERM)
     with stopping.StopControl() as stopper:
         signal.raise_signal(signal.SIGTERM)
@@ -258,11 +259,15 @@ def test_repeated_sigterms_are_one_request_and_a_second_ctrl_c_forces():
         signal.raise_signal(signal.SIGUSR1)
         assert stopper.poll(3) == 'SIGTERM received on rank 0'
     assert signal.getsignal(signal.SIGTERM) is before
-    with stopping.StopControl() as stopper:
-        signal.raise_signal(signal.SIGINT)
-        assert stopper.received == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stopping.StopControl() as stopper:
             signal.raise_signal(signal.SIGINT)
+            assert stopper.received == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 SBATCH = os.path.join(REPO, 'docs', 'train.sbatch')
@@ -437,14 +442,28 @@ def _deliver(process, kind, rank, lines):
         elif kind == 'SIGTERM':
             victim.terminate()
         else:   # SIGSTOP: alive but stuck; the other rank must end the job, then the stopped one is cleaned up
+            mark = len(lines)
             victim.suspend()
-            deadline = time.time() + 60
-            while time.time() < deadline and not any('stopped making progress' in line for line in lines):
-                time.sleep(0.5)
-            victim.kill()
     except psutil.NoSuchProcess:
         return False
+    if kind == 'SIGSTOP':
+        # The other rank's HungRank error ("...: no answer for N s (--hang-timeout)", whichever rank it
+        # names) ends the job; torchrun may kill the stopped rank itself when it restarts the workers.
+        deadline = time.time() + 60
+        while (time.time() < deadline and process.poll() is None and _alive(victim)
+               and not any('no answer for' in line for line in lines[mark:])):
+            time.sleep(0.2)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.kill()
     return True
+
+
+def _alive(proc):
+    """Whether a process still exists (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.slow

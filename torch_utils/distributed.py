@@ -25,6 +25,8 @@ _ALIVE_KEY = 'pd-alive/'
 ALIVE_INTERVAL_S = 2
 _beats = dict(count=0, step=0)   # this rank's waits in the step groups so far, and its last step
 _store_lost = threading.Event()   # set once the job's key-value store stopped answering
+_alive_stop = threading.Event()   # set by shutdown: the sign-of-life thread ends
+_alive_thread = []                 # that thread, while it runs
 
 
 def _env_int(name, default):
@@ -81,18 +83,20 @@ def make_step_groups(timeout_s):
     _step_groups['control'] = torch.distributed.new_group(backend='gloo', timeout=timeout)
     store = _store()
     if store is not None:   # a sign of life while this process runs at all (a stopped process's threads stop too)
-        threading.Thread(target=_signs_of_life, args=(store, get_rank()), daemon=True).start()
+        _alive_stop.clear()
+        _alive_thread[:] = [threading.Thread(target=_signs_of_life, args=(store, get_rank()), daemon=True)]
+        _alive_thread[0].start()
 
 
 def _signs_of_life(store, rank):
-    """Write the time into the store every ALIVE_INTERVAL_S seconds, until the process ends."""
-    while True:
+    """Write the time into the store every ALIVE_INTERVAL_S seconds, until `shutdown` (or the process ends)."""
+    while not _alive_stop.is_set():
         try:
             store.set(f'{_ALIVE_KEY}{rank}', repr(time.time()))
         except RuntimeError:   # the store's host (torchrun's agent) is gone
             _store_lost.set()
             return
-        time.sleep(ALIVE_INTERVAL_S)
+        _alive_stop.wait(ALIVE_INTERVAL_S)
 
 
 def store_lost():
@@ -139,6 +143,13 @@ def barrier():
 
 
 def shutdown():
+    """Stop the sign-of-life thread (a thread left inside a store call while the process
+    exits can abort it: "terminate called without an active exception"), then end the
+    process groups."""
+    _alive_stop.set()
+    for thread in _alive_thread:
+        thread.join(timeout=10)
+    _alive_thread.clear()
     if is_initialized():
         torch.distributed.destroy_process_group()
 
