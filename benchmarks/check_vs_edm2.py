@@ -191,7 +191,8 @@ def main(edm2_dir, json_path):
                  ('our latent pickle (tiny VAE)', 'ours-latent.pkl', None, 1, 0)]
         summary['sampling'] = {}
         for label, net_name, gnet_name, guidance, S_churn in cases:
-            theirs_dir, ours_dir = (os.path.join(work, f'{side}-{len(summary["sampling"])}') for side in ('edm2', 'ours'))
+            case = len(summary['sampling'])
+            theirs_dir, ours_dir = (os.path.join(work, f'{side}-{case}') for side in ('edm2', 'ours'))
             gnet = None if gnet_name is None else os.path.join(work, gnet_name)
             edm2_side(edm2_dir, work, 'generate', os.path.join(work, net_name), gnet or '-', str(guidance), theirs_dir,
                       str(S_churn))

@@ -281,7 +281,8 @@ def plot(summary, path):
               help='Evenly spaced evaluation times')
 @click.option('--slice', 'slice_s', metavar='SEC', type=click.FloatRange(min=0, min_open=True), default=10,
               show_default=True, help='Alternation slice')
-@click.option('--preset', type=click.Choice(['cpu-demo', 'cpu-small', 'dit-tiny', 'dit-s', 'edm2-tiny']), default='cpu-demo', show_default=True,
+@click.option('--preset', type=click.Choice(['cpu-demo', 'cpu-small', 'dit-tiny', 'dit-s', 'edm2-tiny']),
+              default='cpu-demo', show_default=True,
               help='The network (bench_common.PRESETS; cpu-demo is the `make demo` network)')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), help='Batch size  [default: the preset\'s]')
 @click.option('--P-mean', '--P_mean', 'P_mean', metavar='FLOAT', type=float,

@@ -175,7 +175,8 @@ FLAGS = (
               'reconstruct_phema.py (EDM2\'s post-hoc EMA; docs/EVALUATION.md)'),
     Flag('dropout', ('--dropout',), metavar='FLOAT', type=click.FloatRange(0, 1), keys=('network_kwargs.dropout',),
          help=f'Dropout probability (EDM\'s default for a UNet, the DiT paper\'s for a DiT, EDM2\'s for its UNet)  '
-              f'[default: {DEFAULT_DROPOUT["unet"]}; DiT: {DEFAULT_DROPOUT["dit"]}; edm2-*: {DEFAULT_DROPOUT["edm2"]}]'),
+              f'[default: {DEFAULT_DROPOUT["unet"]}; DiT: {DEFAULT_DROPOUT["dit"]}; '
+              f'edm2-*: {DEFAULT_DROPOUT["edm2"]}]'),
     Flag('augment', ('--augment',), metavar='FLOAT', type=click.FloatRange(0, 1), default=0.12,
          keys=('augment_kwargs.p',),
          help='Augment probability'),
