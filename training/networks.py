@@ -146,6 +146,10 @@ class _Precond(torch.nn.Module):
         """
         if not self.use_pos and pos is not None and pos.ndim == 2 and class_labels is None:
             class_labels, pos = pos, None   # EDM's call net(x, sigma, class_labels) of a network without coordinates
+        return self._denoise(x, sigma, pos, class_labels, force_fp32, augment_labels)[0]
+
+    def _denoise(self, x, sigma, pos, class_labels, force_fp32, augment_labels):
+        """(D_x [N, C, H, W] float32, c_noise [N, 1, 1, 1]): the preconditioned network (see `forward`)."""
         x = x.to(torch.float32)
         sigma = self._sigma_column(sigma, x)
         class_labels = self._class_labels(class_labels, x)
@@ -158,7 +162,7 @@ class _Precond(torch.nn.Module):
             x_in = torch.cat([x_in, coords], dim=1)
         F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, augment_labels=augment_labels)
         assert F_x.dtype == dtype or torch.is_autocast_enabled(x.device.type)   # autocast (bf16) picks its own
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip * x + c_out * F_x.to(torch.float32), c_noise
 
     def round_sigma(self, sigma):
         """Noise levels the network supports: all of them (identity)."""
@@ -354,6 +358,10 @@ class EDM2Precond(_Precond):
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
+    def preconditioning(self, sigma):
+        """sigma [N, 1, 1, 1] -> EDM's (c_skip, c_out, c_in, c_noise), each [N, 1, 1, 1]."""
+        return edm_preconditioning(sigma, self.sigma_data)
+
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, pos=None,
                 augment_labels=None):
         """Denoised image D_x [N, C, H, W] float32, and with return_logvar also
@@ -365,18 +373,7 @@ class EDM2Precond(_Precond):
         augment_labels: [N, augment_dim] or None. The UNet runs in fp16 when
         use_fp16, not force_fp32 and x is on CUDA.
         """
-        x = x.to(torch.float32)
-        sigma = self._sigma_column(sigma, x)
-        class_labels = self._class_labels(class_labels, x)
-        coords = self._coordinate_channels(pos, x)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
-
-        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
-        x_in = c_in * x
-        if coords is not None:
-            x_in = torch.cat([x_in, coords], dim=1)
-        F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, augment_labels=augment_labels)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        D_x, c_noise = self._denoise(x, sigma, pos, class_labels, force_fp32, augment_labels)
         if not return_logvar:
             return D_x
         logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)   # u(sigma), eq. 21
