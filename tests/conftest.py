@@ -1,6 +1,7 @@
 """Shared fixtures: the repository root, an environment for subprocesses that
 import the project, and few CPU threads so tests run alike on small machines."""
 
+import json
 import os
 import pathlib
 import sys
@@ -26,6 +27,12 @@ def makefile_demo_flags(variable='DEMO_TRAIN_FLAGS'):
         index += 1
         text = text[:-1] + ' ' + lines[index].strip()
     return shlex.split(text)
+
+
+def resolved_options(output):
+    """The resolved options train.py prints: the JSON between 'Training options:' and 'Output directory:'."""
+    start = output.index('Training options:') + len('Training options:')
+    return json.loads(output[start:output.index('Output directory:')])
 
 
 def demo_zips(folder, sides, count=8):

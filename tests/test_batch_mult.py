@@ -4,14 +4,13 @@ the Trainer (images counted, rounds packed within a full round's pixels,
 bit-exact resume), the flag in the resolved options, and the one-line refusal
 of sizes the table lacks."""
 
-import json
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import train
-from tests.conftest import demo_zips
+from tests.conftest import demo_zips, resolved_options
 from training import runs
 from training import training_loop as tl
 
@@ -75,11 +74,6 @@ def test_resume_with_official_multipliers_is_bit_exact(shapes, tmp_path):
     assert second.cur_nimg == straight.cur_nimg
     for a, b in zip(straight.net.state_dict().values(), second.net.state_dict().values()):
         assert torch.equal(a, b)
-
-
-def resolved_options(output):
-    start = output.index('Training options:') + len('Training options:')
-    return json.loads(output[start:output.index('Output directory:')])
 
 
 def test_flag_sets_the_options_and_refuses_in_one_line(shapes, tmp_path, no_torchrun_env):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import dnnlib
 import train
-from tests.conftest import demo_zips
+from tests.conftest import demo_zips, resolved_options
 from training import augment, config, flags, networks_edm2, presets, runs
 from training import training_loop as tl
 from training.architectures import build_network
@@ -249,11 +249,6 @@ def test_resume_is_bit_exact_on_patches(shapes, tmp_path):
 
 # ----------------------------------------------------------------------------
 # train.py.
-
-def resolved_options(output):
-    start = output.index('Training options:') + len('Training options:')
-    return json.loads(output[start:output.index('Output directory:')])
-
 
 def test_resolved_options(shapes, tmp_path, no_torchrun_env):
     """edm2 archs: EDM2's loss, betas, decay, dropout and noise levels unless

@@ -24,6 +24,7 @@ import train
 from dataset_prep import demo_data
 from dataset_prep.archive import convert_dataset, encode_dataset
 from evaluation import dinov2, metrics
+from tests.conftest import resolved_options
 from training import architectures, config, flags, generation, latents, loss, networks_unet, phema, samplers
 
 SCRIPTS = {'train.py': train.main, 'generate.py': generate.cli, 'fid.py': fid.main, 'dataset_tool.py': dataset_tool.cli,
@@ -268,8 +269,7 @@ def dry_run(args):
     result = CliRunner().invoke(train.main, [*args, '--dry-run'])
     assert result.exit_code == 0, result.output
     assert 'Dry run; exiting.' in result.output
-    start = result.output.index('Training options:') + len('Training options:')
-    return result.output, json.loads(result.output[start:result.output.index('Output directory:')])
+    return result.output, resolved_options(result.output)
 
 
 def test_dry_run_shows_the_run_and_its_resume(tmp_path, no_torchrun_env, subprocess_env):

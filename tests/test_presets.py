@@ -18,7 +18,7 @@ import train
 from dataset_prep.archive import convert_dataset
 from training import config, presets
 
-from conftest import documentation_files
+from conftest import documentation_files, resolved_options
 
 # The official README's training commands (github.com/Zhendong-Wang/Patch-Diffusion), as typed there
 # apart from --outdir and --data, with the preset each one is.
@@ -143,8 +143,7 @@ def dry_run(args):
     """(output, resolved options) of train.py ARGS --dry-run --device=cpu --seed=0."""
     result = CliRunner().invoke(train.main, [*args, '--device=cpu', '--seed=0', '--dry-run'])
     assert result.exit_code == 0, result.output
-    start = result.output.index('Training options:') + len('Training options:')
-    return result.output, json.loads(result.output[start:result.output.index('Output directory:')])
+    return result.output, resolved_options(result.output)
 
 
 @pytest.mark.parametrize('name', list(presets.PRESETS))

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 import train
-from tests.conftest import makefile_demo_flags
+from tests.conftest import makefile_demo_flags, resolved_options
 from dataset_prep.archive import convert_dataset
 from torch_utils import misc
 from training import config, runs, snapshots
@@ -280,13 +280,6 @@ def test_only_the_same_options_resume(readme_run):
 
 # ----------------------------------------------------------------------------
 # --dry-run and errors (in-process through click).
-
-def resolved_options(output):
-    """The JSON printed after 'Training options:'."""
-    start = output.index('Training options:') + len('Training options:')
-    end = output.index('Output directory:')
-    return json.loads(output[start:end])
-
 
 def test_dry_run_prints_options_and_writes_nothing(shapes_zip, tmp_path, no_torchrun_env):
     outdir = tmp_path / 'runs'

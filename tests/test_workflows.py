@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import train
 from dataset_prep.archive import convert_dataset
+from tests.conftest import resolved_options
 from training import snapshots
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tiny networks: two contending threads run them far slower
@@ -33,12 +34,6 @@ def invoke(args):
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
-
-
-def options_printed(output):
-    """The JSON printed after 'Training options:'."""
-    start = output.index('Training options:') + len('Training options:')
-    return json.loads(output[start:output.index('Output directory:')])
 
 
 def error_line(output):
@@ -94,12 +89,12 @@ def test_the_dry_run_does_not_show_a_seed_the_run_will_not_use(finished, tmp_pat
     """Without --seed the dry run says the seed is drawn at start; the run
     records the seed it used, the same command's dry run then shows it, and
     a run given that --seed trains the same weights."""
-    assert options_printed(finished['dry'])['seed'] is None
+    assert resolved_options(finished['dry'])['seed'] is None
     assert 'Seed: drawn at start (no --seed)' in finished['dry']
     seed = json.loads((finished['run_dir'] / 'training_options.json').read_text())['seed']
-    assert isinstance(seed, int) and options_printed(finished['output'])['seed'] == seed
+    assert isinstance(seed, int) and resolved_options(finished['output'])['seed'] == seed
     code, dry = invoke([*finished['args'], '--dry-run'])
-    assert code == 0 and options_printed(dry)['seed'] == seed and 'drawn at start' not in dry
+    assert code == 0 and resolved_options(dry)['seed'] == seed and 'drawn at start' not in dry
 
     outdir = tmp_path / 'again'
     code, output = invoke([f'--outdir={outdir}', *finished['args'][1:], f'--seed={seed}'])
@@ -156,7 +151,7 @@ def test_another_desc_is_another_run(finished):
     assert second.startswith('00001-') and second.endswith('-second')
     assert f'Note: not resuming {first}: --desc "second" != unset; starting a new run.' in output
     code, output = invoke([*args, '--duration=0.001', '--dry-run'])
-    assert code == 0 and options_printed(output)['run_dir'] == str(finished['outdir'] / second)
+    assert code == 0 and resolved_options(output)['run_dir'] == str(finished['outdir'] / second)
     assert f'Resuming run {finished["outdir"] / second}' in output
     assert json.loads((finished['outdir'] / second / 'training_options.json').read_text())['desc'] == 'second'
     shutil.rmtree(finished['outdir'] / second)   # the module's finished run stays the only one
